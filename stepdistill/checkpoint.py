@@ -1,0 +1,82 @@
+"""Atomic checkpoints: accelerate state + trainer state, written to a temporary name and renamed.
+
+Layout: ``<run>/checkpoints/step_0000500/`` holds accelerate's ``save_state`` output (model
+weights as safetensors, optimizer and scheduler states, RNG states), ``trainer_state.json``
+(step, counters, network names in prepare order) and ``extra.safetensors`` (EMA weights,
+generator states). ``<run>/checkpoints/latest`` names the newest complete checkpoint; it is
+replaced atomically only after the checkpoint folder is complete, so a kill during a save
+never leaves a corrupt "latest".
+
+Resume only from your own runs: accelerate stores optimizer and RNG states with pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .contract import StepdistillError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete one, else None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if pointer.is_file():
+        target = run_dir / "checkpoints" / pointer.read_text().strip()
+        if (target / "trainer_state.json").is_file():
+            return target
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, tensors: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep``. Returns its folder."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "extra.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> tuple[dict, dict]:
+    """Restore accelerate state from ``ckpt``; return (trainer_state, extra tensors)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepdistillError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an older one") from None
+    accelerator.load_state(str(ckpt))
+    return state, load_file(str(ckpt / "extra.safetensors"))

@@ -1,0 +1,116 @@
+"""The ``stepdistill`` command line.
+
+Every error a user can act on is printed as one line (``error: ...``) with exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .contract import StepdistillError
+
+EXAMPLES = {
+    "train": "stepdistill train toy2d/dmd objective.guidance_scale=1 train.steps=200 --output-dir runs/toy",
+    "recipes": "stepdistill recipes",
+    "teachers": "stepdistill teachers",
+    "quickstart": "stepdistill quickstart --out runs/quickstart",
+}
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    out = Path(args.output_dir or Path("runs") / Path(args.recipe).with_suffix("").name)
+    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from .config import list_recipes, recipes_dir
+
+    names = list_recipes()
+    if not names:
+        print(f"no recipes found under {recipes_dir()}")
+        return 0
+    for name in names:
+        print(name)
+    return 0
+
+
+def _cmd_teachers(args) -> int:
+    from .teachers import list_teachers
+
+    rows = list_teachers()
+    width = max(len(n) for n, _ in rows)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    summary = quickstart(Path(args.out), fast=args.fast, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdistill",
+        description="Distil a multi-step diffusion or flow teacher into a 1-4 step student.",
+        epilog="example: " + EXAMPLES["quickstart"],
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_text, fn):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog="example: " + EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        return p
+
+    p = add("train", "train a student from a recipe (a YAML path or a shipped recipe name)", _cmd_train)
+    p.add_argument("recipe", help="recipe file, or a shipped name such as toy2d/dmd (see `stepdistill recipes`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. objective.guidance_scale=2")
+    p.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    add("recipes", "list the shipped recipes", _cmd_recipes)
+    add("teachers", "list the analytic and embedded teachers", _cmd_teachers)
+    p = add("quickstart", "distil a one-step student on a shipped teacher and report it against the teacher", _cmd_quickstart)
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--fast", action="store_true", help="a short run (about a minute) for CI")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except StepdistillError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

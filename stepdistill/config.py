@@ -1,0 +1,253 @@
+"""Typed run configuration: dataclasses, YAML recipes, dotted overrides.
+
+A recipe is YAML over ``RunConfig``; ``objective`` is the registered objective's own dataclass
+(its fields are its hyperparameters). Unknown keys fail with the nearest valid key suggested.
+Values are checked where they are used; builders turn config into plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .contract import StepdistillError
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "analytic:ring8"  # embedded teacher name, analytic preset, or a diffusers folder path
+    dtype: str = "fp32"  # teacher weights: fp32 | bf16 | fp16 (frozen; reduced precision saves memory)
+
+
+@dataclass
+class NetworkConfig:
+    init: str = "copy"  # copy (full copy of the teacher) | lora (adapter on the shared base) | fit (weightless teachers)
+    lr: float = 1e-4  # AdamW learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 10.0  # max gradient norm (0 = off); DMD2: 10
+    warmup_steps: int = 0  # linear LR warm-up, in updates of this network
+    lora_rank: int = 16  # LoRA rank r (init=lora)
+    lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
+    lora_targets: list[str] = field(default_factory=list)  # module names; empty = defaults for the model
+    mlp_hidden: int = 128  # init=fit: hidden width of the MLP denoiser
+    mlp_depth: int = 3  # init=fit: hidden layers
+    fit_steps: int = 1500  # init=fit: steps of the denoising fit to the teacher
+    fit_lr: float = 2e-3  # init=fit: learning rate of the fit
+
+
+@dataclass
+class StudentConfig(NetworkConfig):
+    times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
+    ema_decay: float = 0.0  # EMA of the student weights (0 = off)
+
+
+@dataclass
+class DataConfig:
+    conditions: str = "auto"  # auto (from the teacher) | class_labels | none | prompts:<file, one prompt per line>
+    real: str = ""  # real samples for objectives that use data: "" | teacher (analytic) | digits | <image folder>
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # rounds; one round = each phase's updates (e.g. critic_ratio critic + 1 student)
+    batch_size: int = 64  # per process
+    grad_accum: int = 1  # micro-batches per update
+    seed: int = 0  # every random draw derives from it
+    mixed_precision: str = "no"  # no | bf16 | fp16 (bf16 preferred: fp16 shares one grad scaler)
+    cpu: bool = False  # force CPU even when a GPU is present
+    log_every: int = 50  # rounds between console/JSONL/tensorboard logs
+    sample_every: int = 250  # rounds between sample grids (0 = only at the end)
+    checkpoint_every: int = 500  # rounds between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    max_nonfinite: int = 20  # consecutive non-finite updates before the run stops
+    num_sample_images: int = 64  # samples in each grid / scatter plot
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    fake_score: NetworkConfig = field(default_factory=NetworkConfig)
+    objective: Any = None  # the objective's dataclass, chosen by objective.name
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def check_range(name: str, value, low=None, high=None) -> None:
+    """One-line error when a numeric setting is outside [low, high]."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise StepdistillError(f"{name} = {value} is out of range {bounds}")
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or fail in one line."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if tp in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            if tp is int:
+                if not float(value).is_integer():
+                    raise ValueError
+                return int(float(value))
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin in (list, tuple):
+            items = value if isinstance(value, (list, tuple)) else yaml.safe_load(str(value))
+            items = items if isinstance(items, (list, tuple)) else [items]
+            args = typing.get_args(tp)
+            if origin is tuple and len(args) > 1 and args[1] is not Ellipsis and len(items) != len(args):
+                raise ValueError
+            return origin(_coerce(path, v, args[0]) for v in items) if args else origin(items)
+    except (TypeError, ValueError):
+        raise StepdistillError(f"{path}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _build(cls, data: dict, path: str):
+    """Instantiate dataclass ``cls`` from a dict, validating keys and types."""
+    if not isinstance(data, dict):
+        raise StepdistillError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise StepdistillError(f"unknown config key {full!r}{_suggest(key, fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full)
+        elif key == "objective" and cls is RunConfig:
+            kwargs[key] = build_objective_config(value or {})
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def build_objective_config(data: dict):
+    """The objective section: ``name`` plus that objective's own fields."""
+    from .objectives.registry import get_objective_class
+
+    data = dict(data)
+    name = data.pop("name", None)
+    if not name:
+        raise StepdistillError("objective.name is required (e.g. dmd); see `stepdistill recipes`")
+    cls = get_objective_class(str(name))
+    return _build(cls, data, "objective")
+
+
+# --------------------------------------------------------------------------------------- recipes
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: $STEPDISTILL_RECIPES, else train/recipes/ of this checkout."""
+    env = os.environ.get("STEPDISTILL_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "train" / "recipes"
+
+
+def list_recipes() -> list[str]:
+    root = recipes_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe path, or a shipped recipe name such as ``toy2d/dmd``."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{recipe.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = list_recipes()
+    raise StepdistillError(f"no recipe {recipe!r} (not a file, not a shipped recipe){_suggest(recipe, names)}; see `stepdistill recipes`")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["objective.guidance_scale=2", "train.steps=10"]`` -> nested dict (values YAML-parsed)."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise StepdistillError(f"bad override {item!r}: expected section.key=value, e.g. objective.guidance_scale=2")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise StepdistillError(f"override {item!r} conflicts with another override")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe (path or shipped name), apply dotted overrides, validate everything."""
+    data: dict = {}
+    if recipe:
+        path = resolve_recipe(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise StepdistillError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = merge(data, parse_overrides(overrides or []))
+    if isinstance(data.get("objective", {}), dict):
+        data["objective"] = {"name": "dmd"} | data.get("objective", {})  # dmd is the default objective
+    return _build(RunConfig, data, "")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain dict (for saving); the objective section gets its ``name`` back."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "objective":
+            obj = {k.name: getattr(value, k.name) for k in dataclasses.fields(value) if k.init}
+            out[f.name] = {"name": getattr(value, "registry_name", f"{type(value).__module__}.{type(value).__qualname__}")} | obj
+        else:
+            out[f.name] = dataclasses.asdict(value)
+    return _plain(out)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

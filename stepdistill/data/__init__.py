@@ -1,0 +1,103 @@
+"""Batches of conditions (and optional real samples) for training, resumable from a generator state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..contract import StepdistillError
+from ..objectives.base import Batch
+
+
+class RealData:
+    """Real samples [N, *shape] (and optional labels [N]) drawn uniformly with a generator."""
+
+    def __init__(self, samples: Tensor, labels: Tensor | None = None):
+        if len(samples) == 0:
+            raise StepdistillError("the real dataset is empty")
+        self.samples, self.labels = samples, labels
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        idx = torch.randint(0, len(self.samples), (n,), generator=generator)
+        return self.samples[idx], None if self.labels is None else self.labels[idx]
+
+
+class BatchSampler:
+    """Makes one ``Batch`` per call from a conditioner; its position is its generator's state."""
+
+    def __init__(self, conditioner, sample_shape, batch_size: int, seed: int, device="cpu", real: RealData | None = None):
+        self.conditioner, self.sample_shape, self.batch_size = conditioner, tuple(sample_shape), batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device, self.real = device, real
+
+    def conditions(self, n: int, generator: torch.Generator):
+        cond, null = self.conditioner(n, generator)
+        return _to(cond, self.device), _to(null, self.device)
+
+    def next(self) -> Batch:
+        cond, null = self.conditions(self.batch_size, self.generator)
+        real = None
+        if self.real is not None:
+            samples, labels = self.real.draw(self.batch_size, self.generator)
+            real = samples.to(self.device)
+            if labels is not None and "class_labels" in cond:
+                cond = dict(cond, real_class_labels=labels.to(self.device))
+        return Batch(self.batch_size, self.sample_shape, cond, null, real, self.conditions, self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _to(cond, device):
+    if cond is None:
+        return None
+    return {k: (v.to(device) if isinstance(v, Tensor) else _to(v, device) if isinstance(v, dict) else v) for k, v in cond.items()}
+
+
+def load_real(spec: str, teacher, sample_shape) -> RealData | None:
+    """``""`` (none), ``teacher`` (exact samples of an analytic teacher), ``digits``, or an image folder."""
+    if not spec:
+        return None
+    if spec == "teacher":
+        if teacher.sample_data is None:
+            raise StepdistillError("data.real=teacher needs an analytic teacher; use digits or an image folder")
+        g = torch.Generator().manual_seed(12345)
+        cond, _ = teacher.conditioner(8192, g)
+        return RealData(teacher.sample_data(8192, g, cond), cond.get("class_labels"))
+    if spec == "digits":
+        from .digits import load_digits_images
+
+        images, labels = load_digits_images("train", resolution=sample_shape[-1])
+        return RealData(_check_shape(images, sample_shape, "digits"), labels)
+    return RealData(_check_shape(load_image_folder(Path(spec), sample_shape), sample_shape, spec))
+
+
+def _check_shape(x: Tensor, shape, what: str) -> Tensor:
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise StepdistillError(
+            f"real data {what!r} has samples of shape {tuple(x.shape[1:])}, but the teacher makes {tuple(shape)} "
+            "(mismatched resolution or channels; latent teachers need latents, not images)"
+        )
+    return x
+
+
+def load_image_folder(folder: Path, shape) -> Tensor:
+    """Every PNG/JPEG in a folder, resized to the sample shape, in [-1, 1]: [N, C, H, W]."""
+    from PIL import Image
+    import numpy as np
+
+    if not folder.is_dir():
+        raise StepdistillError(f"real-image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise StepdistillError(f"real-image folder {str(folder)!r} has no .png/.jpg images")
+    c, h, w = shape
+    mode = "L" if c == 1 else "RGB"
+    arrays = [np.asarray(Image.open(p).convert(mode).resize((w, h), Image.BICUBIC), dtype=np.float32) for p in files]
+    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1
+    return x[:, None] if c == 1 else x.permute(0, 3, 1, 2)

@@ -1,0 +1,136 @@
+"""DMD: Distribution Matching Distillation.
+
+Paper: "One-step Diffusion with Distribution Matching Distillation", Yin et al., CVPR 2024,
+arXiv:2311.18828 (and the normaliser kept by DMD2, arXiv:2405.14867, Sec. 3 / Eq. 2-3).
+
+Student phase (mode A, stop-grad direction), all in x0 space:
+
+    x = G(z)                                       one- or K-step student, grad on the last step
+    x_t = alpha_t x + sigma_t eps,   t ~ U[t_min, t_max]                      (DMD Sec. 3.2)
+    x_real = T_w(x_t, t, c),  x_fake = F(x_t, t, c)                (no graph; w = teacher CFG)
+    g = (x_fake - x_real) / mean_{C,H,W} |x - x_real|              (Eq. 8's normaliser, DMD2)
+    L_G = 1/2 mean((x - sg(x - g))^2)      so dL/dx = g / N  (the stop-grad MSE surrogate)
+        + lambda_reg * mean((G(z_i) - y_i)^2)   optional regression on teacher ODE pairs (Eq. 9;
+                                                 the paper uses LPIPS, here plain MSE)
+
+Fake-score phase (denoising score matching on the student's samples, DMD Eq. 6):
+
+    L_F = mean( lambda(t) |F(x_t, t, c) - sg(x)|^2 ),  lambda from ``critic_weighting``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..conditioning import guided
+from ..contract import add_noise, expand_like
+from ..sampling import ddim_sample, few_step_sample
+from ..schedules import loss_weight
+from .base import Batch, LossOut, Nets
+from .registry import register
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(len(x), -1).mean(1)  # [B]
+
+
+def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    return {f"{prefix}_mean": x.mean().item(), f"{prefix}_std": x.std().item()}
+
+
+@register("dmd")
+@dataclass
+class DMD:
+    guidance_scale: float = 1.0  # teacher CFG scale kappa_real (Ho-Salimans; 1 = off)
+    fake_guidance_scale: float = 1.0  # CFG on the fake score (DMD/DMD2: 1)
+    t_min: float = 0.02  # DM-gradient times t ~ U[t_min, t_max] (DMD: [0.02T, 0.98T])
+    t_max: float = 0.98
+    critic_t_min: float = 0.02  # fake-score training times
+    critic_t_max: float = 0.98
+    critic_weighting: str = "eps"  # x0-MSE weight: x0 | eps | v | flow (eps = DMD2's SD loss)
+    critic_ratio: int = 1  # fake-score updates per student update (TTUR; DMD 1, DMD2 5-10)
+    normaliser_eps: float = 1e-6  # added to mean|x - x_real| (FastGen; DMD2 uses none)
+    regression_weight: float = 0.0  # lambda_reg on teacher ODE pairs (DMD1: 0.25 with LPIPS)
+    regression_pairs: int = 256  # number of (noise, teacher sample) pairs, made once
+    regression_steps: int = 25  # teacher ODE steps used to make the pairs
+    regression_seed: int = 1234  # seed of the pair set (fixed: resume-safe)
+
+    trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
+
+    def __post_init__(self):
+        from ..config import check_range  # local: config imports the registry
+
+        check_range("objective.critic_ratio", self.critic_ratio, 1)
+        check_range("objective.t_min", self.t_min, 0.0, self.t_max)
+        check_range("objective.critic_t_min", self.critic_t_min, 0.0, self.critic_t_max)
+        check_range("objective.regression_weight", self.regression_weight, 0.0)
+        loss_weight_names = ("x0", "eps", "v", "flow")
+        if self.critic_weighting not in loss_weight_names:
+            from ..contract import StepdistillError
+
+            raise StepdistillError(f"objective.critic_weighting must be one of {loss_weight_names}, got {self.critic_weighting!r}")
+        self._pairs = None
+
+    @property
+    def phases(self) -> dict[str, int]:
+        return {"fake_score": self.critic_ratio, "student": 1}
+
+    def phase_updates(self, phase: str) -> tuple[str, ...]:
+        return (phase,)
+
+    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
+        if phase == "fake_score":
+            return self.fake_score_loss(nets, batch, rng)
+        if phase == "student":
+            return self.student_loss(nets, batch, rng)
+        raise ValueError(f"DMD has no phase {phase!r}")
+
+    def fake_score_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
+        with torch.no_grad():
+            x = few_step_sample(nets.student, batch.noise(rng), batch.cond, nets.student_times, rng)  # [B, ...]
+        t = batch.uniform(rng, self.critic_t_min, self.critic_t_max)  # [B]
+        x_t = add_noise(nets.fake_score.schedule, x, batch.noise(rng), t)
+        x_fake = nets.fake_score(x_t, t, batch.cond)  # [B, ...]
+        weight = loss_weight(nets.fake_score.schedule, t, self.critic_weighting).to(x.device)  # [B]
+        loss = (weight * _per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()  # DMD Eq. 6
+        return LossOut(loss, {"fake_x0_mse": _per_sample_mean((x_fake.detach() - x) ** 2).mean().item()})
+
+    def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
+        z = batch.noise(rng)
+        x = few_step_sample(nets.student, z, batch.cond, nets.student_times, rng, grad=True)  # [B, ...]
+        t = batch.uniform(rng, self.t_min, self.t_max)
+        with torch.no_grad():
+            x_t = add_noise(nets.teacher.schedule, x.detach(), batch.noise(rng), t)
+            x_real = guided(nets.teacher, x_t, t, batch.cond, batch.null_cond, self.guidance_scale)
+            x_fake = guided(nets.fake_score, x_t, t, batch.cond, batch.null_cond, self.fake_guidance_scale)
+            w = 1 / (_per_sample_mean((x.detach().float() - x_real.float()).abs()) + self.normaliser_eps)  # [B]
+            g = (x_fake.float() - x_real.float()) * expand_like(w, x)  # DMD Eq. 7-8 direction
+        loss = 0.5 * torch.nn.functional.mse_loss(x.float(), (x.detach().float() - g))  # surrogate, grad g/N
+        logs = {"dm_loss": loss.item(), "dm_grad_norm": g.reshape(len(g), -1).norm(dim=1).mean().item()}
+        logs |= _stats("x_real", x_real) | _stats("x_fake", x_fake) | _stats("x_student", x.detach())
+        if self.regression_weight > 0:
+            reg = self.regression_loss(nets, batch, rng)
+            loss = loss + self.regression_weight * reg
+            logs["regression_loss"] = reg.item()
+        return LossOut(loss, logs)
+
+    def regression_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> torch.Tensor:
+        """MSE between G(z_i) and the teacher's ODE sample y_i for a random subset of fixed pairs."""
+        if self._pairs is None:
+            self._pairs = self.make_pairs(nets, batch)
+        z, y, cond = self._pairs
+        idx = torch.randint(0, len(z), (batch.size,), generator=rng)
+        sub = {k: v[idx.to(v.device)] for k, v in cond.items()}
+        x = few_step_sample(nets.student, z[idx.to(z.device)], sub, nets.student_times, rng, grad=True)
+        return torch.nn.functional.mse_loss(x.float(), y[idx.to(y.device)].float())
+
+    def make_pairs(self, nets: Nets, batch: Batch):
+        """Teacher ODE pairs (z, y = ODE(z)), generated once from a fixed seed."""
+        g = torch.Generator().manual_seed(self.regression_seed)
+        n = self.regression_pairs
+        cond, null = batch.conditions(n, g) if batch.conditions else (batch.cond, batch.null_cond)
+        z = batch.noise(g, n)
+        y = ddim_sample(nets.teacher, z, cond, self.regression_steps, null, self.guidance_scale)
+        return z, y, cond

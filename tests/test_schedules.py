@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from stepdistill.contract import StepdistillError, add_noise
+from stepdistill.schedules import FlowSchedule, TrigSchedule, VPSchedule, loss_weight, schedule_from_scheduler_config
+
+
+def sd_schedule():
+    return VPSchedule.from_scheduler(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+
+
+@pytest.mark.parametrize("step, alpha_bar", [(999, 0.00466), (980, 0.0058), (625, 0.138), (399, 0.426), (20, 0.981)])
+def test_vp_matches_published_sd_alpha_bar(step, alpha_bar):
+    # values pinned in shared/reference/objectives.md section 0.1
+    vp = sd_schedule()
+    t = vp.from_native(torch.tensor([float(step)]))
+    assert vp.alpha_bar(t).item() == pytest.approx(alpha_bar, rel=0.02)
+
+
+def test_vp_native_round_trip_and_fractional_steps():
+    vp = sd_schedule()
+    steps = torch.tensor([0.0, 1.5, 249.0, 749.25, 999.0])
+    assert torch.allclose(vp.to_native(vp.from_native(steps)), steps)
+    ab = vp.alpha_bar(torch.linspace(0, 1, 500))
+    assert bool((ab[1:] < ab[:-1]).all()), "alpha_bar must decrease monotonically in t"
+    mid = vp.alpha_bar(vp.from_native(torch.tensor([10.5])))
+    lo, hi = vp.alpha_bar(vp.from_native(torch.tensor([10.0, 11.0])))
+    assert hi < mid < lo
+    assert torch.allclose(vp.alpha(steps / 999) ** 2 + vp.sigma(steps / 999) ** 2, torch.ones(5), atol=1e-6)
+
+
+def test_flow_and_trig_schedules():
+    t = torch.tensor([0.0, 0.25, 1.0])
+    flow = FlowSchedule()
+    assert torch.allclose(flow.alpha(t) + flow.sigma(t), torch.ones(3))
+    assert torch.allclose(flow.to_native(t), t * 1000)
+    trig = TrigSchedule(sigma_d=0.5)
+    assert trig.to_native(torch.tensor(1.0)).item() == pytest.approx(math.pi / 2)
+    assert torch.allclose(trig.alpha(t) ** 2 + (trig.sigma(t) / 0.5) ** 2, torch.ones(3), atol=1e-6)
+
+
+def test_schedule_from_config_picks_family():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    assert schedule_from_scheduler_config(dict(FlowMatchEulerDiscreteScheduler().config, _class_name="FlowMatchEulerDiscreteScheduler")).kind == "flow"
+    assert schedule_from_scheduler_config(dict(DDPMScheduler().config, _class_name="DDPMScheduler")).kind == "vp"
+
+
+def test_loss_weight_eps_equals_eps_mse():
+    vp = sd_schedule()
+    t = torch.tensor([0.3, 0.7])
+    x0, noise, delta = torch.randn(2, 4), torch.randn(2, 4), 0.01 * torch.randn(2, 4)
+    x_t = add_noise(vp, x0, noise, t)
+    eps_hat = (x_t - vp.alpha(t)[:, None] * (x0 + delta)) / vp.sigma(t)[:, None]
+    eps_mse = ((eps_hat - noise) ** 2).mean(1)
+    assert torch.allclose(loss_weight(vp, t, "eps") * (delta**2).mean(1), eps_mse, rtol=1e-3)
+    with pytest.raises(StepdistillError, match="unknown loss weighting"):
+        loss_weight(vp, t, "snr")
+
+
+def test_vp_rejects_bad_table():
+    with pytest.raises(StepdistillError):
+        VPSchedule(torch.tensor([1.5, 0.5]))
