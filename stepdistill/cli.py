@@ -62,6 +62,16 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Library warnings (diffusers, transformers) only with --debug: the console is for our messages."""
+    import logging
+    import warnings
+
+    for name in ("diffusers", "transformers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepdistill",
@@ -96,10 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may come after options (argparse stops at the first option)
+        if getattr(args, "command", None) != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    if not args.debug:
+        _quiet_libraries()
     try:
         return args.fn(args)
     except StepdistillError as e:

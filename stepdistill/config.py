@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, YAML recipes, dotted overrides.
 
 A recipe is YAML over ``RunConfig``; ``objective`` is the registered objective's own dataclass
-(its fields are its hyperparameters). Unknown keys fail with the nearest valid key suggested.
+(its fields are its hyperparameters). An override of ``objective.name`` to another objective
+starts that section afresh (the recipe's hyperparameters belonged to the old objective). Unknown keys fail with the nearest valid key suggested.
 Values are checked where they are used; builders turn config into plain keyword arguments.
 """
 
@@ -34,6 +35,7 @@ class NetworkConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 10.0  # max gradient norm (0 = off); DMD2: 10
     warmup_steps: int = 0  # linear LR warm-up, in updates of this network
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 over the run's updates of this network)
     lora_rank: int = 16  # LoRA rank r (init=lora)
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
     lora_targets: list[str] = field(default_factory=list)  # module names; empty = defaults for the model
@@ -222,7 +224,11 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise StepdistillError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    data = merge(data, parse_overrides(overrides or []))
+    over = parse_overrides(overrides or [])
+    new_name = over.get("objective", {}).get("name") if isinstance(over.get("objective"), dict) else None
+    if new_name and isinstance(data.get("objective"), dict) and data["objective"].get("name") != new_name:
+        data = dict(data, objective={})  # another objective: the recipe's hyperparameters were for the old one
+    data = merge(data, over)
     if isinstance(data.get("objective", {}), dict):
         data["objective"] = {"name": "dmd"} | data.get("objective", {})  # dmd is the default objective
     return _build(RunConfig, data, "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -116,7 +117,9 @@ def add_lora(model: nn.Module, name: str, rank: int, alpha: float, targets: Sequ
     targets = list(targets or default_lora_targets(model))
     grads = {p: p.requires_grad for p in model.parameters()}
     try:
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model, adapter_name=name)
+        with warnings.catch_warnings():  # "multiple adapters in the model" is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model, adapter_name=name)
     except ValueError as e:
         raise StepdistillError(f"cannot add LoRA adapter {name!r}: {str(e).splitlines()[0]}") from None
     for p, g in grads.items():  # peft freezes everything else; keep the caller's flags

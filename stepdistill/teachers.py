@@ -109,14 +109,14 @@ def _model_folder(folder: Path) -> tuple[str, Path]:
     )
 
 
-def _load_model(path: Path) -> nn.Module:
+def _load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     import diffusers
 
     class_name = _read_json(path / "config.json").get("_class_name", "")
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise StepdistillError(f"{path}/config.json names {class_name!r}, which is not a diffusers model class")
-    return cls.from_pretrained(path, use_safetensors=True)
+    return cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
 
 
 def text_encoder_minilm():
@@ -158,7 +158,7 @@ def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] |
     if not sched_cfg.is_file():
         raise StepdistillError(f"{folder} has no scheduler/scheduler_config.json; the teacher's noise schedule is unknown")
     meta = _read_json(folder / "stepdistill_teacher.json") if (folder / "stepdistill_teacher.json").is_file() else {}
-    model = _load_model(model_path).to(dtype).eval().requires_grad_(False)
+    model = _load_model(model_path, dtype).eval().requires_grad_(False)
     denoiser = wrap(model, _read_json(sched_cfg), meta.get("prediction_type"))
     cfg = model.config
     size = cfg.get("sample_size", 16)

@@ -46,10 +46,10 @@ class Trainable:
 # ----------------------------------------------------------------------------------- networks
 
 
-def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log) -> nn.Module:
-    if teacher.sample_data is None:
-        raise StepdistillError("init=fit is for weightless (analytic) teachers; use init=copy or init=lora")
+def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log, fit: bool = True) -> nn.Module:
     net = MLPDenoiser(teacher.sample_shape, teacher.denoiser.schedule, cfg.mlp_hidden, cfg.mlp_depth, teacher.num_classes)
+    if not fit:  # resuming: the weights come from the checkpoint
+        return net
     g = torch.Generator().manual_seed(seed)
     loss = fit_to_teacher(net, teacher.denoiser, teacher.sample_data, teacher.conditioner, cfg.fit_steps,
                           lr=cfg.fit_lr, generator=g)
@@ -57,8 +57,9 @@ def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log) -> nn.Mod
     return net
 
 
-def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None, seed: int, log=print):
-    """Teacher view + trainables for the student and (optionally) the fake score."""
+def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None, seed: int, log=print, fit: bool = True):
+    """Trainables for the student and (optionally) the fake score; ``fit=False`` skips the
+    denoising fit of init=fit networks (their weights are about to be loaded)."""
     base = teacher.denoiser
     is_analytic = teacher.sample_data is not None
     for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
@@ -78,7 +79,7 @@ def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None
             trainables[name] = Trainable(name, base, params, cfg, adapter=name)
         else:
             if cfg.init == "fit":
-                fitted = fitted or _fit_network(teacher, cfg, seed, log)
+                fitted = fitted or _fit_network(teacher, cfg, seed, log, fit)
                 module = full_copy(fitted)
             else:
                 module = full_copy(base)
@@ -104,12 +105,22 @@ def make_views(teacher: Teacher, trainables: dict[str, Trainable], times) -> Net
     return Nets(teacher=teacher_view, student=view("student"), student_times=tuple(times), fake_score=view("fake_score"))
 
 
-def _optimizer(tr: Trainable):
+def _optimizer(tr: Trainable, total_updates: int):
+    """AdamW plus a warm-up then constant or cosine LR schedule (stepped once per update)."""
     cfg = tr.cfg
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise StepdistillError(f"{tr.name}.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     opt = torch.optim.AdamW(tr.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    warm = max(0, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
-    return opt, sched
+    warm, total = max(0, cfg.warmup_steps), max(1, total_updates)
+
+    def factor(i: int) -> float:
+        if warm and i < warm:
+            return (i + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -131,10 +142,13 @@ class Trainer:
             raise StepdistillError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
         self._check_run_dir(resume)
+        from accelerate.utils import set_seed
+
+        set_seed(tc.seed)  # network initialisation (e.g. the MLP denoisers) is seeded too
         self.objective = cfg.objective
         self.teacher = self._load_teacher()
         fake_cfg = cfg.fake_score if "fake_score" in self.objective.trains else None
-        self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log)
+        self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log, fit=not resume)
         self._prepare()
         self.nets = make_views(self.teacher, self.trainables, self._student_times())
         rank = self.accelerator.process_index
@@ -207,7 +221,8 @@ class Trainer:
         """Optimizers per network; prepare each owning module once (the teacher never)."""
         modules, seen = [], {}
         for tr in self.trainables.values():
-            tr.optimizer, tr.scheduler = _optimizer(tr)
+            per_round = sum(c for p, c in self.objective.phases.items() if tr.name in self.objective.phase_updates(p))
+            tr.optimizer, tr.scheduler = _optimizer(tr, per_round * self.cfg.train.steps)
             if id(tr.module) not in seen:
                 seen[id(tr.module)] = len(modules)
                 modules.append(tr.module)
@@ -326,7 +341,10 @@ class Trainer:
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.sample_grid(writer)
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save()
+                    if self.nonfinite_in_row:  # mid-streak: keep the last good checkpoints as they are
+                        self.log(f"round {self.step}: checkpoint skipped during a run of non-finite updates")
+                    else:
+                        self.save()
                 if self._stop_signal:
                     self.save()
                     raise StepdistillError(f"stopped by {self._stop_signal} at round {self.step}; checkpoint written, "

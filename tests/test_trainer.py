@@ -1,0 +1,107 @@
+"""The trainer: gradient isolation, checkpoints, exact resume, the NaN guard."""
+
+import json
+
+import pytest
+import torch
+
+from stepdistill.checkpoint import latest_checkpoint
+from stepdistill.config import load_config
+from stepdistill.contract import StepdistillError
+from stepdistill.trainer import NonFiniteError, Trainer
+
+FAST = ["train.log_every=1", "train.sample_every=0", "train.batch_size=32", "train.num_sample_images=16",
+        "student.fit_steps=50", "student.mlp_hidden=32", "fake_score.mlp_hidden=32"]
+
+
+def toy(tmp_path, *extra, name="run"):
+    cfg = load_config("toy2d/dmd", FAST + list(extra))
+    return cfg, tmp_path / name
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def changed(before, params):
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+
+
+@pytest.mark.parametrize("init", ["copy", "lora"])
+def test_gradient_isolation_per_phase(tmp_path, unet_teacher_dir, init):
+    cfg = load_config("toy2d/dmd", FAST + [f"teacher.name={unet_teacher_dir}", f"student.init={init}",
+                                           f"fake_score.init={init}", "train.steps=1", "student.lora_rank=2",
+                                           "fake_score.lora_rank=2", "train.batch_size=4", "objective.guidance_scale=2"])
+    tr = Trainer(cfg, tmp_path / "iso", progress=False)
+    teacher_params = [p for n, p in tr.teacher.denoiser.named_parameters() if "lora_" not in n]
+    t0 = snapshot(teacher_params)
+    student, fake = tr.trainables["student"].params, tr.trainables["fake_score"].params
+    s0, f0 = snapshot(student), snapshot(fake)
+    tr.update("student")
+    assert changed(s0, student), "the student phase must update the student"
+    assert not changed(f0, fake), "critic parameters must not change in the student phase"
+    assert all(p.grad is None for p in fake)
+    s1 = snapshot(student)
+    tr.update("fake_score")
+    assert changed(f0, fake) and not changed(s1, student)
+    assert not changed(t0, teacher_params) and all(p.grad is None and not p.requires_grad for p in teacher_params)
+
+
+def test_checkpoints_metrics_samples_and_exact_resume(tmp_path):
+    steps = ["train.checkpoint_every=3", "train.keep_checkpoints=2"]
+    cfg_a, dir_a = toy(tmp_path, "train.steps=6", *steps, "student.ema_decay=0.9", name="a")
+    summary = Trainer(cfg_a, dir_a, progress=False).run()
+    assert summary["steps"] == 6 and (dir_a / "config.yaml").is_file()
+    lines = [json.loads(line) for line in (dir_a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6] and "student/dm_grad_norm" in lines[-1]
+    assert (dir_a / "samples" / "step_0000006.png").is_file()
+    assert latest_checkpoint(dir_a).name == "step_0000006"
+    assert sorted(p.name for p in (dir_a / "checkpoints").glob("step_*")) == ["step_0000003", "step_0000006"]
+
+    cfg_b, dir_b = toy(tmp_path, "train.steps=3", *steps, "student.ema_decay=0.9", name="b")
+    Trainer(cfg_b, dir_b, progress=False).run()
+    with pytest.raises(StepdistillError, match="already holds a run"):
+        Trainer(cfg_b, dir_b, progress=False)
+    cfg_b6, _ = toy(tmp_path, "train.steps=6", *steps, "student.ema_decay=0.9")
+    resumed = Trainer(cfg_b6, dir_b, resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.run()
+    full = Trainer(cfg_a, dir_a, resume=True, progress=False)
+    for name in ("student", "fake_score"):
+        for p, q in zip(full.trainables[name].params, resumed.trainables[name].params):
+            assert torch.equal(p, q), f"{name} weights differ after resume"
+    assert all(torch.equal(p, q) for p, q in zip(full.ema.shadow_params, resumed.ema.shadow_params))
+
+
+def test_resume_refuses_other_config(tmp_path):
+    cfg, run = toy(tmp_path, "train.steps=2")
+    Trainer(cfg, run, progress=False).run()
+    other, _ = toy(tmp_path, "train.steps=4", "objective.guidance_scale=1.5")
+    with pytest.raises(StepdistillError, match="objective.guidance_scale differ"):
+        Trainer(other, run, resume=True, progress=False)
+    with pytest.raises(StepdistillError, match="nothing to resume"):
+        Trainer(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_nan_guard_skips_counts_and_stops_without_overwriting(tmp_path):
+    cfg = load_config(None, FAST + ["student.init=fit", "objective.name=nan_objective.NaNObjective", "objective.after=2",
+                                    "train.steps=50", "train.max_nonfinite=3", "train.checkpoint_every=2"])
+    run = tmp_path / "nan"
+    tr = Trainer(cfg, run, progress=False)
+    with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row .*phase 'student'.*network student"):
+        tr.run()
+    last = latest_checkpoint(run)
+    assert last.name == "step_0000002"  # written before the NaNs; never overwritten after
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 2 and tr.nonfinite_total["student"] == 3
+    assert all(torch.isfinite(p).all() for p in tr.trainables["student"].params)
+
+
+def test_interrupted_save_never_corrupts_latest(tmp_path):
+    cfg, run = toy(tmp_path, "train.steps=2")
+    tr = Trainer(cfg, run, progress=False)
+    tr.run()
+    (run / "checkpoints" / ".tmp_step_0000004").mkdir()  # a save killed half-way
+    assert latest_checkpoint(run).name == "step_0000002"
+    (run / "checkpoints" / "latest").write_text("step_0000009")  # pointer to nothing: fall back
+    assert latest_checkpoint(run).name == "step_0000002"
