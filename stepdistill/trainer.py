@@ -130,6 +130,16 @@ class NonFiniteError(StepdistillError):
     pass
 
 
+def _reset_single_process_accelerate_state() -> None:
+    """accelerate keeps one process-wide state; outside a distributed launch, start it afresh."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class Trainer:
     """Runs an objective over its networks; see the module docstring."""
 
@@ -140,6 +150,7 @@ class Trainer:
         tc = cfg.train
         if tc.mixed_precision not in ("no", "bf16", "fp16"):
             raise StepdistillError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
+        _reset_single_process_accelerate_state()  # a second run in one process may use another precision
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
         self._check_run_dir(resume)
         from accelerate.utils import set_seed
