@@ -35,7 +35,7 @@ class NetworkConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 10.0  # max gradient norm (0 = off); DMD2: 10
     warmup_steps: int = 0  # linear LR warm-up, in updates of this network
-    lr_schedule: str = "constant"  # constant | cosine (decays to 0 over the run's updates of this network)
+    lr_schedule: str = "constant"  # constant | cosine (to 0 over train.steps; a resume with more steps stretches it)
     lora_rank: int = 16  # LoRA rank r (init=lora)
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
     lora_targets: list[str] = field(default_factory=list)  # module names; empty = defaults for the model

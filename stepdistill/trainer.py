@@ -325,8 +325,10 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self, until: int | None = None) -> dict:
+        """Train to ``train.steps`` rounds (or stop early after round ``until``, with a checkpoint)."""
         tc = self.cfg.train
+        last = tc.steps if until is None else min(until, tc.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -339,14 +341,14 @@ class Trainer:
         window: dict[str, list[float]] = defaultdict(list)
         start = time.time()
         try:
-            while self.step < tc.steps:
+            while self.step < last:
                 for phase, count in self.objective.phases.items():
                     for _ in range(count):
                         for k, v in self.update(phase).items():
                             window[k].append(v)
                 self.step += 1
                 bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                if self.step % tc.log_every == 0 or self.step == last:
                     self._log_metrics(window, writer, bar, time.time() - start)
                     window.clear()
                 if tc.sample_every and self.step % tc.sample_every == 0:
