@@ -363,6 +363,7 @@ class Trainer:
                     raise StepdistillError(f"stopped by {self._stop_signal} at round {self.step}; checkpoint written, "
                                            "continue with --resume")
         finally:
+            self._restore_signal_handlers()
             bar.close()
             if writer:
                 writer.close()
@@ -372,12 +373,24 @@ class Trainer:
                 "nonfinite": dict(self.nonfinite_total), "seconds": round(time.time() - start, 1)}
 
     def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the round, write a checkpoint, stop. A second SIGINT kills at once."""
+
         def handler(signum, _frame):
             self._stop_signal = signal.Signals(signum).name
+            self.log(f"{self._stop_signal}: writing a checkpoint at the end of this round (Ctrl-C again to abort)")
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
         try:
-            signal.signal(signal.SIGTERM, handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+
+    def _restore_signal_handlers(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:
             pass
 
     def _tensorboard(self):

@@ -22,3 +22,29 @@ class NaNObjective:
         x = nets.student(batch.noise(rng), torch.ones(batch.size), batch.cond)
         self.after -= 1
         return LossOut(x.mean() * (float("nan") if self.after < 0 else 1.0))
+
+
+@dataclass
+class SignalObjective:
+    """A student-only objective that sends this process ``signal_name`` at update ``at``."""
+
+    at: int = 3
+    signal_name: str = "SIGTERM"
+    trains: tuple = field(default=("student",), init=False)
+    phases: dict = field(default_factory=lambda: {"student": 1}, init=False)
+
+    def phase_updates(self, phase):
+        return (phase,)
+
+    def __post_init__(self):
+        self._calls = 0  # a counter, not a hyperparameter (the run's config must not change)
+
+    def loss(self, phase, nets, batch, rng):
+        import os
+        import signal
+
+        self._calls += 1
+        if self._calls == self.at:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+        x = nets.student(batch.noise(rng), torch.ones(batch.size), batch.cond)
+        return LossOut((x**2).mean())

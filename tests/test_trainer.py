@@ -105,3 +105,13 @@ def test_interrupted_save_never_corrupts_latest(tmp_path):
     assert latest_checkpoint(run).name == "step_0000002"
     (run / "checkpoints" / "latest").write_text("step_0000009")  # pointer to nothing: fall back
     assert latest_checkpoint(run).name == "step_0000002"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_writes_checkpoint_then_stops(tmp_path, sig):
+    cfg = load_config(None, FAST + ["student.init=fit", "objective.name=nan_objective.SignalObjective", "objective.at=3",
+                                    f"objective.signal_name={sig}", "train.steps=100", "train.checkpoint_every=0"])
+    with pytest.raises(StepdistillError, match=f"stopped by {sig} at round 3; checkpoint written"):
+        Trainer(cfg, tmp_path / "sig", progress=False).run()
+    assert latest_checkpoint(tmp_path / "sig").name == "step_0000003"
+    assert Trainer(cfg, tmp_path / "sig", resume=True, progress=False).step == 3
