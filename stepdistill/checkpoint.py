@@ -59,6 +59,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, tensors:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
     if accelerator.is_main_process:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "extra.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))

@@ -151,7 +151,13 @@ class Trainer:
         if tc.mixed_precision not in ("no", "bf16", "fp16"):
             raise StepdistillError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
         _reset_single_process_accelerate_state()  # a second run in one process may use another precision
-        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # LoRA views share one DDP-wrapped base, and each phase uses only its own adapter
+        uses_lora = "lora" in (cfg.student.init, cfg.fake_score.init)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=uses_lora)
+        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available(),
+                                       kwargs_handlers=[ddp])
         self._check_run_dir(resume)
         from accelerate.utils import set_seed
 
@@ -426,9 +432,11 @@ class Trainer:
         cond, _ = self.sampler.conditions(n, g)
         noise = torch.randn(n, *self.teacher.sample_shape, generator=g).to(self.device)
         student = self.trainables["student"]
+        # unwrapped: DDP's forward is a collective (buffer broadcast), and only rank 0 samples
+        view = Net(unwrap(student.module), self.teacher.denoiser.schedule, adapter=student.adapter)
         ctx = _ema_weights(self.ema, student.params) if (use_ema and self.ema is not None) else _nullctx()
         with ctx:
-            x = few_step_sample(self.nets.student, noise, cond, self.nets.student_times, g)
+            x = few_step_sample(view, noise, cond, self.nets.student_times, g)
         return x
 
     def sample_grid(self, writer=None) -> Path | None:
