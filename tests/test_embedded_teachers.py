@@ -1,0 +1,44 @@
+"""The shipped digits assets: data split, feature network, and the digits-unet teacher."""
+
+import torch
+
+from stepdistill.conditioning import ClassLabels
+from stepdistill.data.digits import load_digits_images
+from stepdistill.metrics.digits_classifier import load_digits_classifier
+from stepdistill.sampling import ddim_sample
+from stepdistill.teachers import assets_dir, list_teachers, load_teacher
+
+
+def test_digits_split_is_disjoint_and_stratified():
+    train, ytr = load_digits_images("train")
+    test, yte = load_digits_images("test")
+    assert train.shape == (1437, 1, 16, 16) and test.shape == (360, 1, 16, 16)
+    assert train.min() >= -1 and train.max() <= 1
+    assert torch.cdist(test.flatten(1), train.flatten(1)).min() > 0  # no test image is in the train split
+    assert torch.bincount(yte, minlength=10).min() >= 30
+
+
+def test_feature_network_accuracy_on_held_out_digits():
+    net = load_digits_classifier().eval()
+    x, y = load_digits_images("test")
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == y).float().mean().item()
+        feats = net.features(x[:4])
+    assert acc >= 0.97 and feats.shape == (4, net.num_features)
+
+
+def test_digits_unet_loads_with_stock_diffusers_and_our_loader():
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    folder = assets_dir() / "teachers" / "digits-unet"
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert unet.config.num_class_embeds == 11 and scheduler.config.prediction_type == "epsilon"
+    assert "digits-unet" in dict(list_teachers())
+    teacher = load_teacher("digits-unet")
+    assert teacher.sample_shape == (1, 16, 16) and teacher.denoiser.family == "unet2d"
+    assert isinstance(teacher.conditioner, ClassLabels) and teacher.conditioner.null_class == 10
+    cond, null = teacher.conditioner.labelled(torch.arange(4))
+    x = ddim_sample(teacher.denoiser, torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), cond, 3,
+                    null, guidance_scale=2.0)
+    assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all()
