@@ -8,6 +8,7 @@ optimizer and LR-scheduler step, and the student EMA. The frozen teacher is neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -434,7 +435,7 @@ class Trainer:
         student = self.trainables["student"]
         # unwrapped: DDP's forward is a collective (buffer broadcast), and only rank 0 samples
         view = Net(unwrap(student.module), self.teacher.denoiser.schedule, adapter=student.adapter)
-        ctx = _ema_weights(self.ema, student.params) if (use_ema and self.ema is not None) else _nullctx()
+        ctx = _ema_weights(self.ema, student.params) if (use_ema and self.ema is not None) else contextlib.nullcontext()
         with ctx:
             x = few_step_sample(view, noise, cond, self.nets.student_times, g)
         return x
@@ -478,14 +479,6 @@ class Trainer:
                 p.data.copy_(tensors[f"ema.{i}"])
             self.ema.optimization_step = state.get("ema_optimization_step", 0)
         self.log(f"resumed from {ckpt} at round {self.step}")
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 class _ema_weights:

@@ -63,3 +63,12 @@ def test_text_teacher_with_prompt_file_and_lora(tmp_path):
     batch = tr.sampler.next()
     assert batch.cond["prompt_embeds"].shape == (2, 16, 384) and batch.null_cond["prompt_embeds"].shape == (2, 16, 384)
     assert tr.trainables["student"].module is tr.trainables["fake_score"].module  # one shared base
+
+
+def test_real_data_with_labels_and_teacher_cfg(tmp_path):
+    """Real samples carry their labels beside (not inside) cond, so CFG batching still works."""
+    tr, summary = run(tmp_path, "teacher.name=analytic:ring8-cond", "data.real=teacher", "objective.guidance_scale=2",
+                      "train.steps=2")
+    batch = tr.sampler.next()
+    assert summary["nonfinite"] == {} and batch.real.shape == (16, 2) and batch.real_labels.shape == (16,)
+    assert set(batch.cond) == {"class_labels"}

@@ -38,13 +38,12 @@ class BatchSampler:
 
     def next(self) -> Batch:
         cond, null = self.conditions(self.batch_size, self.generator)
-        real = None
+        real = real_labels = None
         if self.real is not None:
             samples, labels = self.real.draw(self.batch_size, self.generator)
             real = samples.to(self.device)
-            if labels is not None and "class_labels" in cond:
-                cond = dict(cond, real_class_labels=labels.to(self.device))
-        return Batch(self.batch_size, self.sample_shape, cond, null, real, self.conditions, self.device)
+            real_labels = None if labels is None else labels.to(self.device)
+        return Batch(self.batch_size, self.sample_shape, cond, null, real, self.conditions, self.device, real_labels)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -39,6 +39,7 @@ class Batch:
     real: Tensor | None = None  # [B, *sample_shape] real samples, for objectives that use data
     conditions: Callable[[int, torch.Generator], tuple[dict, dict | None]] | None = None  # fresh conds
     device: torch.device | str = "cpu"
+    real_labels: Tensor | None = None  # [B] class labels of ``real``, when the data has them
 
     def noise(self, generator: torch.Generator, n: int | None = None) -> Tensor:
         """Unit Gaussian noise [n, *sample_shape], drawn on CPU from ``generator`` (reproducible)."""

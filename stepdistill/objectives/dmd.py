@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..conditioning import guided
-from ..contract import add_noise, expand_like
+from ..contract import StepdistillError, add_noise, expand_like
 from ..sampling import ddim_sample, few_step_sample
-from ..schedules import loss_weight
+from ..schedules import LOSS_WEIGHTINGS, loss_weight
 from .base import Batch, LossOut, Nets
 from .registry import register
 
@@ -66,11 +66,8 @@ class DMD:
         check_range("objective.t_min", self.t_min, 0.0, self.t_max)
         check_range("objective.critic_t_min", self.critic_t_min, 0.0, self.critic_t_max)
         check_range("objective.regression_weight", self.regression_weight, 0.0)
-        loss_weight_names = ("x0", "eps", "v", "flow")
-        if self.critic_weighting not in loss_weight_names:
-            from ..contract import StepdistillError
-
-            raise StepdistillError(f"objective.critic_weighting must be one of {loss_weight_names}, got {self.critic_weighting!r}")
+        if self.critic_weighting not in LOSS_WEIGHTINGS:
+            raise StepdistillError(f"objective.critic_weighting must be one of {LOSS_WEIGHTINGS}, got {self.critic_weighting!r}")
         self._pairs = None
 
     @property
