@@ -78,6 +78,8 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     fake_score: NetworkConfig = field(default_factory=NetworkConfig)
+    # extra networks an objective builds itself (GAN/discriminator heads): optimizer settings
+    discriminator: NetworkConfig = field(default_factory=lambda: NetworkConfig(lr=1e-4, betas=(0.0, 0.99), weight_decay=0.0))
     objective: Any = None  # the objective's dataclass, chosen by objective.name
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -167,8 +167,10 @@ class Trainer:
         self.teacher = self._load_teacher()
         fake_cfg = cfg.fake_score if "fake_score" in self.objective.trains else None
         self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log, fit=not resume)
+        self._add_extra_networks()
         self._prepare()
         self.nets = make_views(self.teacher, self.trainables, self._student_times())
+        self.nets.extra = {n: tr.module for n, tr in self.trainables.items() if n not in ("student", "fake_score")}
         rank = self.accelerator.process_index
         real = load_real(cfg.data.real, self.teacher, self.teacher.sample_shape)
         self.sampler = BatchSampler(self.teacher.conditioner, self.teacher.sample_shape, tc.batch_size,
@@ -228,6 +230,17 @@ class Trainer:
         if hasattr(teacher.conditioner, "device"):
             teacher.conditioner.device = self.device
         return teacher
+
+    def _add_extra_networks(self) -> None:
+        """Networks the objective builds itself (discriminator heads), trained with ``cfg.discriminator``."""
+        build = getattr(self.objective, "extra_networks", None)
+        if build is None:
+            return
+        for name, module in build(self.teacher).items():
+            if name in self.trainables or name not in self.objective.trains:
+                raise StepdistillError(f"objective network {name!r} clashes with another network or is missing from its trains")
+            module = module.to(self.device).float().requires_grad_(True)
+            self.trainables[name] = Trainable(name, module, list(module.parameters()), self.cfg.discriminator)
 
     def _student_times(self) -> list[float]:
         times = [float(t) for t in self.cfg.student.times]

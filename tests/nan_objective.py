@@ -48,3 +48,26 @@ class SignalObjective:
             os.kill(os.getpid(), getattr(signal, self.signal_name))
         x = nets.student(batch.noise(rng), torch.ones(batch.size), batch.cond)
         return LossOut((x**2).mean())
+
+
+@dataclass
+class HeadObjective:
+    """Student phase + a "head" phase that trains an extra network built by the objective."""
+
+    trains: tuple = field(default=("student", "head"), init=False)
+    phases: dict = field(default_factory=lambda: {"head": 1, "student": 1}, init=False)
+
+    def phase_updates(self, phase):
+        return (phase,)
+
+    def extra_networks(self, teacher):
+        import math
+
+        return {"head": torch.nn.Linear(math.prod(teacher.sample_shape), 1)}
+
+    def loss(self, phase, nets, batch, rng):
+        x = nets.student(batch.noise(rng), torch.ones(batch.size), batch.cond)
+        if phase == "head":
+            x = x.detach()
+        score = nets.extra["head"](x.reshape(batch.size, -1).float())
+        return LossOut(torch.nn.functional.softplus(score if phase == "head" else -score).mean())

@@ -115,3 +115,24 @@ def test_signal_writes_checkpoint_then_stops(tmp_path, sig):
         Trainer(cfg, tmp_path / "sig", progress=False).run()
     assert latest_checkpoint(tmp_path / "sig").name == "step_0000003"
     assert Trainer(cfg, tmp_path / "sig", resume=True, progress=False).step == 3
+
+
+def test_objective_extra_network_is_trained_isolated_and_resumed(tmp_path):
+    cfg = load_config(None, FAST + ["student.init=fit", "objective.name=nan_objective.HeadObjective", "train.steps=4",
+                                    "train.checkpoint_every=2", "discriminator.lr=1e-2"])
+    tr = Trainer(cfg, tmp_path / "iso", progress=False)
+    head, student = tr.trainables["head"].params, tr.trainables["student"].params
+    assert tr.nets.extra["head"] is tr.trainables["head"].module
+    h0, s0 = snapshot(head), snapshot(student)
+    tr.update("head")
+    assert changed(h0, head) and not changed(s0, student), "the head phase must update the head only"
+    h1 = snapshot(head)
+    tr.update("student")
+    assert changed(s0, student) and not changed(h1, head)
+    assert tr.trainables["head"].optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    Trainer(cfg, tmp_path / "h", progress=False).run()
+    Trainer(cfg, tmp_path / "h2", progress=False).run(until=2)
+    resumed = Trainer(cfg, tmp_path / "h2", resume=True, progress=False)
+    resumed.run()
+    assert all(torch.equal(p, q) for p, q in zip(Trainer(cfg, tmp_path / "h", resume=True, progress=False).trainables["head"].params,
+                                                 resumed.trainables["head"].params))

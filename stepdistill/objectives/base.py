@@ -68,3 +68,8 @@ class Objective(Protocol):
         ...
 
     def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut: ...
+
+    # Optional: ``extra_networks(teacher) -> dict[name, nn.Module]`` builds trainable networks of
+    # the objective's own (e.g. discriminator heads). Their names appear in ``trains``; the trainer
+    # gives each an optimizer from the run's ``discriminator`` section, prepares, checkpoints and
+    # isolates them like the student, and passes them to ``loss`` as ``nets.extra[name]``.
