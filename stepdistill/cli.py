@@ -18,6 +18,7 @@ EXAMPLES = {
     "recipes": "stepdistill recipes",
     "teachers": "stepdistill teachers",
     "quickstart": "stepdistill quickstart --out runs/quickstart",
+    "plan": "stepdistill plan digits-unet/dmd student.init=lora fake_score.init=lora --batch-size 64 --device 24GB",
 }
 
 
@@ -62,6 +63,19 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import device_memory, estimate, format_plan
+
+    cfg = load_config(args.recipe, args.overrides)
+    gib = device_memory(args.device)
+    plan = estimate(cfg, args.batch_size, args.precision, args.shards, True if args.gradient_checkpointing else None)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan, gib))
+    if gib and plan["peak_gib"] * 1.15 + 0.75 > gib:
+        return 1
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Library warnings (diffusers, transformers) only with --debug: the console is for our messages."""
     import logging
@@ -101,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="a short run (about a minute) for CI")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = add("plan", "estimate parameters, optimizer state and activation memory of a recipe before training "
+            "(exit 1 when it will not fit --device)", _cmd_plan)
+    p.add_argument("recipe", help="recipe file or shipped name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. teacher.name=/path/to/sdxl")
+    p.add_argument("--batch-size", type=int, help="per-device batch size (default: the recipe's)")
+    p.add_argument("--precision", choices=["no", "fp32", "bf16", "fp16"], help="compute precision (default: train.mixed_precision)")
+    p.add_argument("--device", help="device to check against: a size (24GB) or a name (a100-80gb, h100, rtx4090, ...)")
+    p.add_argument("--shards", type=int, default=1, help="FSDP shards (devices) for the trained full networks")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="estimate with gradient checkpointing on")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -108,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides may come after options (argparse stops at the first option)
-        if getattr(args, "command", None) != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+        if getattr(args, "command", None) not in ("train", "plan") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     if not getattr(args, "fn", None):

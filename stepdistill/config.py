@@ -25,6 +25,7 @@ from .contract import StepdistillError
 class TeacherConfig:
     name: str = "analytic:ring8"  # embedded teacher name, analytic preset, or a diffusers folder path
     dtype: str = "fp32"  # teacher weights: fp32 | bf16 | fp16 (frozen; reduced precision saves memory)
+    offload: bool = False  # keep the frozen teacher in CPU memory, moved to the GPU layer by layer per call (accelerate cpu_offload; slow, saves its weights' memory; full-copy students only)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep
     max_nonfinite: int = 20  # consecutive non-finite updates before the run stops
     num_sample_images: int = 64  # samples in each grid / scatter plot
+    gradient_checkpointing: bool = False  # recompute activations of the trained diffusers networks in backward (less memory, ~30% slower)
+    attention: str = "auto"  # auto (xformers when installed and on a GPU, else torch SDPA) | sdpa | xformers
 
 
 @dataclass

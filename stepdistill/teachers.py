@@ -205,6 +205,13 @@ def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = Non
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise StepdistillError(f"unknown analytic teacher {name!r}{hint}; available: {', '.join(ANALYTIC)}")
         return _analytic(name)
+    return _diffusers(resolve_teacher_folder(name), name, DTYPES[dtype], prompts)
+
+
+def resolve_teacher_folder(name: str) -> Path:
+    """The folder of an embedded teacher name, or ``name`` as a path; one-line error if missing."""
     embedded = assets_dir() / "teachers" / name
     folder = embedded if ("/" not in name and embedded.is_dir()) else Path(name)
-    return _diffusers(folder, name, DTYPES[dtype], prompts)
+    if not folder.is_dir():
+        raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
+    return folder

@@ -168,6 +168,7 @@ class Trainer:
         fake_cfg = cfg.fake_score if "fake_score" in self.objective.trains else None
         self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log, fit=not resume)
         self._add_extra_networks()
+        self._memory_levers()
         self._prepare()
         self.nets = make_views(self.teacher, self.trainables, self._student_times())
         self.nets.extra = {n: tr.module for n, tr in self.trainables.items() if n not in ("student", "fake_score")}
@@ -226,10 +227,27 @@ class Trainer:
             teacher.conditioner = Unconditional()
         elif spec == "class_labels" and not teacher.num_classes:
             raise StepdistillError(f"data.conditions=class_labels, but teacher {teacher.name!r} is not class-conditional")
-        teacher.denoiser.to(self.device)
+        if not self.cfg.teacher.offload:
+            teacher.denoiser.to(self.device)
         if hasattr(teacher.conditioner, "device"):
             teacher.conditioner.device = self.device
         return teacher
+
+    def _memory_levers(self) -> None:
+        """Attention backend, gradient checkpointing of the trained networks, teacher CPU offload."""
+        from .memory import enable_gradient_checkpointing, offload_teacher, set_attention_backend
+
+        modules = {id(tr.module): tr.module for tr in self.trainables.values()} | {id(self.teacher.denoiser): self.teacher.denoiser}
+        backend = {set_attention_backend(m, self.cfg.train.attention, self.device) for m in modules.values()} - {None}
+        if backend:
+            self.log(f"attention: {', '.join(sorted(backend))}")
+        if self.cfg.train.gradient_checkpointing:
+            done = [n for n, tr in self.trainables.items() if n in ("student", "fake_score") and enable_gradient_checkpointing(tr.module)]
+            self.log(f"gradient checkpointing on: {', '.join(done) or 'none (no diffusers network to checkpoint)'}")
+        if self.cfg.teacher.offload:
+            if any(tr.adapter for tr in self.trainables.values()):
+                raise StepdistillError("teacher.offload=true needs full-copy networks: with LoRA the teacher's base is the trained networks' base")
+            self.log(offload_teacher(self.teacher.denoiser, self.device))
 
     def _add_extra_networks(self) -> None:
         """Networks the objective builds itself (discriminator heads), trained with ``cfg.discriminator``."""

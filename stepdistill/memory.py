@@ -1,0 +1,91 @@
+"""Memory levers applied by the trainer: attention backend, gradient checkpointing, teacher offload.
+
+* Attention: diffusers' default processors already use torch SDPA (flash / memory-efficient
+  kernels on GPU, the math kernel on CPU). ``train.attention=auto`` switches to xformers only
+  when it is installed and the run is on a GPU; ``xformers`` insists (one-line error otherwise).
+* Gradient checkpointing: diffusers' own ``enable_gradient_checkpointing`` on the trained
+  networks (the student and the fake score; with LoRA, the shared base, which only matters
+  when a graph is built: teacher calls run without one).
+* Teacher offload: accelerate's ``cpu_offload`` keeps the frozen teacher's weights in CPU RAM
+  and streams each layer to the GPU for its forward; it saves the teacher's weights' memory at a
+  large speed cost, and cannot be used when LoRA views share the teacher's base.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from .contract import StepdistillError
+from .networks import unwrap
+
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
+
+
+def _diffusers_model(module: nn.Module) -> nn.Module | None:
+    inner = unwrap(module)
+    inner = getattr(inner, "model", inner)
+    return inner if hasattr(inner, "set_attn_processor") or hasattr(inner, "enable_gradient_checkpointing") else None
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def choose_attention(choice: str, device: torch.device | str) -> str:
+    """The backend a run uses: ``sdpa`` or ``xformers`` (one-line error for an impossible request)."""
+    if choice not in ATTENTION_CHOICES:
+        raise StepdistillError(f"train.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if choice == "xformers":
+        if not xformers_available():
+            raise StepdistillError("train.attention=xformers, but xformers is not installed (pip install stepdistill[xformers])")
+        if not on_gpu:
+            raise StepdistillError("train.attention=xformers needs a CUDA device; use train.attention=auto or sdpa on CPU")
+        return "xformers"
+    if choice == "auto" and on_gpu and xformers_available():
+        return "xformers"
+    return "sdpa"
+
+
+def set_attention_backend(module: nn.Module, choice: str, device) -> str | None:
+    """Apply the chosen backend to a diffusers network; None when the module has no attention."""
+    backend = choose_attention(choice, device)
+    model = _diffusers_model(module)
+    if model is None or not hasattr(model, "set_attn_processor") or not getattr(model, "attn_processors", None):
+        return None
+    if backend == "xformers":
+        model.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        procs = model.attn_processors
+        if all(type(p).__name__ == "AttnProcessor" for p in procs.values()):  # old eager default only
+            model.set_attn_processor(AttnProcessor2_0())
+    return backend
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> bool:
+    """Turn on diffusers' gradient checkpointing; False when the network has none (e.g. the toy MLP)."""
+    model = _diffusers_model(module)
+    if model is None or not getattr(model, "_supports_gradient_checkpointing", False):
+        return False
+    model.enable_gradient_checkpointing()
+    return True
+
+
+def offload_teacher(denoiser: nn.Module, device) -> str:
+    """Stream the frozen teacher's layers from CPU RAM to ``device`` per forward (accelerate)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "teacher.offload: the run is on the CPU already; nothing to offload"
+    from accelerate import cpu_offload
+
+    model = getattr(denoiser, "model", denoiser)
+    cpu_offload(model.to("cpu"), execution_device=device)
+    return f"teacher offloaded to CPU RAM, executed on {device}"
+
+
+__all__ = ["choose_attention", "set_attention_backend", "enable_gradient_checkpointing", "offload_teacher", "xformers_available"]

@@ -1,0 +1,232 @@
+"""``stepdistill plan RECIPE``: how much memory a run needs, before anything trains.
+
+Nothing is loaded: the teacher's network is built from its ``config.json`` on the ``meta``
+device (no weights, no compute), which gives exact parameter counts and, through one meta
+forward pass with hooks, the size of every leaf module's output -- the activations a backward
+pass keeps. The estimate per device is
+
+    teacher weights            P_teacher x bytes(teacher.dtype)        (frozen, shared by LoRA views)
+    each full trained network  16 bytes/param: fp32 master weights 4 + grads 4 + AdamW 8
+    each LoRA trained network  16 bytes per adapter param (the base is the teacher's)
+    student EMA                4 bytes/param of the student's trained params
+    activations                per phase: sum of leaf outputs of every network whose graph the
+                               phase keeps, x batch x bytes(compute dtype); with gradient
+                               checkpointing only the block inputs plus one block's internals
+
+and the peak is the static part plus the largest phase. It ignores the CUDA context (~0.5-1
+GiB), allocator fragmentation, transient no-grad forwards, text encoders/VAEs (kept outside
+the trained graph) and objective heads (small), so treat it as a lower bound: leave 15-20%.
+With FSDP (``--shards N``) the trained full networks' weights, grads and optimizer states
+divide by N; DDP replicates everything on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .contract import StepdistillError
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "no": 4}
+DEVICES = {  # usable memory in GiB of common accelerators
+    "t4": 15, "l4": 22, "rtx3090": 24, "rtx4090": 24, "a10g": 22, "l40s": 45, "a100-40gb": 40, "a100-80gb": 80,
+    "h100": 80, "h100-80gb": 80, "h200": 141, "mi300x": 192,
+}
+
+
+@dataclass
+class NetEstimate:
+    name: str
+    params: int  # parameters of the network (the shared base for LoRA)
+    trained: int  # parameters this run trains
+    static_bytes: int  # weights + grads + optimizer (+ EMA) attributed to this network
+    act_bytes_per_sample: int  # activations kept for backward, per sample, in the compute dtype
+
+
+def device_memory(spec: str | None) -> float | None:
+    """GiB from a device name (``a100-80gb``) or a size (``24``, ``24GB``, ``24GiB``)."""
+    if not spec:
+        return None
+    key = spec.lower().strip()
+    if key in DEVICES:
+        return float(DEVICES[key])
+    num = key.removesuffix("gib").removesuffix("gb").removesuffix("g")
+    try:
+        return float(num)
+    except ValueError:
+        raise StepdistillError(f"--device {spec!r}: give a size in GB or one of {', '.join(sorted(DEVICES))}") from None
+
+
+def _meta_teacher(name: str) -> tuple[nn.Module, tuple[int, ...], dict]:
+    """The teacher network on the meta device, its sample shape, and a cond factory's inputs."""
+    from .teachers import resolve_teacher_folder, _model_folder, _read_json
+
+    folder = resolve_teacher_folder(name)
+    _, model_path = _model_folder(folder)
+    config = _read_json(model_path / "config.json")
+    import diffusers
+
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise StepdistillError(f"{model_path}/config.json names {config.get('_class_name')!r}, not a diffusers model class")
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    size = config.get("sample_size", 64)
+    size = size if isinstance(size, int) else size[0]
+    return model, (config.get("in_channels", 4), size, size), config
+
+
+def _meta_cond(model: nn.Module, config: dict, batch: int) -> dict:
+    """Dummy conditioning inputs on meta for one forward (the text length is 77 tokens)."""
+    from .adapters.diffusers_models import family_of
+
+    fam = family_of(model)
+    with torch.device("meta"):
+        if fam == "unet2d":
+            return {"class_labels": torch.zeros(batch, dtype=torch.long)} if config.get("num_class_embeds") else {}
+        if fam == "dit":
+            return {"class_labels": torch.zeros(batch, dtype=torch.long)}
+        dim = config.get("cross_attention_dim") or config.get("joint_attention_dim") or config.get("caption_channels")
+        cond = {"prompt_embeds": torch.zeros(batch, 77, dim)}
+        if fam == "sd3":
+            cond["pooled_prompt_embeds"] = torch.zeros(batch, config["pooled_projection_dim"])
+        if fam == "unet2d_condition" and config.get("addition_embed_type") == "text_time":
+            cond["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, config["projection_class_embeddings_input_dim"] - 6 * config.get("addition_time_embed_dim", 256)),
+                                         "time_ids": torch.zeros(batch, 6)}
+        return cond
+
+
+def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, checkpointing: bool) -> int:
+    """Elements kept for backward per sample: leaf-module outputs of one meta forward.
+
+    With gradient checkpointing: the outputs of the top-level blocks (the checkpoint inputs)
+    plus the largest single block's internals (recomputed one block at a time).
+    """
+    from .adapters.diffusers_models import FAMILIES, family_of
+
+    leaves = {m for m in model.modules() if not list(m.children())}
+    per_module: dict[nn.Module, int] = {}
+
+    def hook(mod, _inp, out):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = getattr(out, "sample", out)
+        if torch.is_tensor(out):
+            per_module[mod] = per_module.get(mod, 0) + out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.device("meta"), torch.no_grad():
+            x = torch.zeros(1, *shape)
+            FAMILIES[family_of(model)](model, x, torch.full((1,), 500.0), _meta_cond(model, config, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    full = sum(v for m, v in per_module.items() if m in leaves)
+    if not checkpointing:
+        return full
+    blocks = [b for name, b in model.named_children() for b in (b if isinstance(b, nn.ModuleList) else [b])]
+    inner = [sum(per_module.get(m, 0) for m in b.modules() if m in leaves) for b in blocks]
+    boundary = sum(per_module.get(b, 0) for b in blocks)
+    return boundary + max(inner, default=0)
+
+
+def lora_params(model: nn.Module, rank: int, targets: list[str] | None) -> int:
+    """Adapter parameters peft would add: r (in + out) per Linear, r (in k^2 + out) per Conv2d."""
+    from .networks import default_lora_targets
+
+    targets = targets or default_lora_targets(model)
+    total = 0
+    for name, m in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, nn.Linear):
+            total += rank * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            total += rank * (m.in_channels * math.prod(m.kernel_size) // m.groups + m.out_channels)
+    return total
+
+
+def _phase_graphs(objective) -> dict[str, tuple[str, ...]]:
+    """Networks whose activations each phase keeps for backward (objectives may declare ``graph_nets``)."""
+    declared = getattr(objective, "graph_nets", None)
+    phases = objective.phases
+    if declared:
+        return {p: tuple(declared.get(p, objective.phase_updates(p))) for p in phases}
+    return {p: tuple(objective.phase_updates(p)) for p in phases}
+
+
+def estimate(cfg: RunConfig, batch_size: int | None = None, precision: str | None = None, shards: int = 1,
+             checkpointing: bool | None = None) -> dict:
+    """The memory plan of ``cfg`` as a dict (per device, bytes and GiB)."""
+    if cfg.teacher.name.startswith("analytic:"):
+        raise StepdistillError("stepdistill plan needs a diffusers teacher (an embedded name or a folder); analytic teachers are tiny")
+    batch = batch_size or cfg.train.batch_size
+    precision = precision or cfg.train.mixed_precision
+    precision = "fp32" if precision == "no" else precision
+    if precision not in DTYPE_BYTES:
+        raise StepdistillError(f"--precision must be one of no, fp32, bf16, fp16; got {precision!r}")
+    checkpointing = cfg.train.gradient_checkpointing if checkpointing is None else checkpointing
+    model, shape, config = _meta_teacher(cfg.teacher.name)
+    p_teacher = sum(p.numel() for p in model.parameters())
+    act = activation_elements(model, shape, config, checkpointing) * DTYPE_BYTES[precision]
+    objective = cfg.objective
+    nets = [NetEstimate("teacher", p_teacher, 0, p_teacher * DTYPE_BYTES[cfg.teacher.dtype], act)]
+    for name, ncfg in (("student", cfg.student), ("fake_score", cfg.fake_score)):
+        if name not in objective.trains:
+            continue
+        if ncfg.init == "lora":
+            trained = lora_params(model, ncfg.lora_rank, ncfg.lora_targets or None)
+            static = 16 * trained
+        else:
+            trained = p_teacher
+            static = 4 * trained + 12 * trained // max(1, shards)
+        if name == "student" and cfg.student.ema_decay > 0:
+            static += 4 * trained
+        nets.append(NetEstimate(name, p_teacher, trained, static, act))
+    static_total = sum(n.static_bytes for n in nets)
+    per = {n.name: n for n in nets}
+    phases = {}
+    for phase, graph in _phase_graphs(objective).items():
+        phases[phase] = sum(per[n].act_bytes_per_sample for n in graph if n in per) * batch
+    peak = static_total + max(phases.values(), default=0)
+    return {
+        "teacher": cfg.teacher.name, "teacher_class": type(model).__name__, "sample_shape": list(shape),
+        "batch_size": batch, "precision": precision, "teacher_dtype": cfg.teacher.dtype, "shards": shards,
+        "gradient_checkpointing": checkpointing,
+        "networks": [{"name": n.name, "params": n.params, "trained_params": n.trained, "static_gib": n.static_bytes / GIB,
+                      "activations_gib_per_sample": n.act_bytes_per_sample / GIB} for n in nets],
+        "phases_activation_gib": {k: v / GIB for k, v in phases.items()},
+        "static_gib": static_total / GIB, "peak_gib": peak / GIB,
+    }
+
+
+def format_plan(plan: dict, device_gib: float | None = None) -> str:
+    """A readable table plus the fit verdict."""
+    lines = [f"teacher {plan['teacher']} ({plan['teacher_class']}, sample {tuple(plan['sample_shape'])}), batch "
+             f"{plan['batch_size']} per device, compute {plan['precision']}, teacher weights {plan['teacher_dtype']}, "
+             f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, shards {plan['shards']}",
+             "", f"{'network':<12} {'params':>12} {'trained':>12} {'weights+grads+optim':>20} {'activations/sample':>19}"]
+    for n in plan["networks"]:
+        lines.append(f"{n['name']:<12} {n['params'] / 1e6:>11.1f}M {n['trained_params'] / 1e6:>11.2f}M "
+                     f"{n['static_gib']:>16.2f} GiB {n['activations_gib_per_sample']:>15.3f} GiB")
+    lines.append("")
+    for phase, gib in plan["phases_activation_gib"].items():
+        lines.append(f"phase {phase:<12} activations {gib:8.2f} GiB")
+    lines.append(f"static {plan['static_gib']:.2f} GiB + largest phase = peak about {plan['peak_gib']:.2f} GiB per device "
+                 "(a lower bound: add 15-20% and the CUDA context)")
+    if device_gib:
+        need = plan["peak_gib"] * 1.15 + 0.75
+        verdict = "fits" if need <= device_gib else "WILL NOT FIT"
+        lines.append(f"{verdict} a {device_gib:g} GiB device (needs about {need:.1f} GiB with margin)")
+        if need > device_gib:
+            lines.append("levers: student.init=lora / fake_score.init=lora, train.gradient_checkpointing=true, "
+                         "teacher.dtype=bf16, train.mixed_precision=bf16, a smaller train.batch_size, FSDP over more devices")
+    return "\n".join(lines)
+
+
+__all__ = ["estimate", "format_plan", "device_memory", "activation_elements", "lora_params", "DEVICES"]

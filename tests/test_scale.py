@@ -1,0 +1,93 @@
+"""Scale levers: the memory plan (on an SD1.5-sized config, no weights), gradient checkpointing,
+attention backend choice, teacher offload rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stepdistill.cli import main
+from stepdistill.config import load_config
+from stepdistill.contract import StepdistillError
+from stepdistill.memory import choose_attention
+from stepdistill.plan import device_memory, estimate
+from stepdistill.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def sd15_config_dir(tmp_path_factory):
+    """An SD1.5-shaped UNet2DConditionModel folder with config files only (no weights)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("sd15")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(unet.to_json_string())
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_plan_sd15_full_vs_lora(sd15_config_dir):
+    base = [f"teacher.name={sd15_config_dir}"]
+    full = estimate(load_config("digits-unet/dmd", base), batch_size=8, precision="bf16")
+    params = {n["name"]: n for n in full["networks"]}
+    assert params["teacher"]["params"] == 859_520_964  # SD1.5's UNet
+    # full fp32 copies: 16 bytes per trained parameter each, plus the fp32 teacher (4 bytes)
+    assert full["static_gib"] == pytest.approx((2 * 16 + 4) * 859_520_964 / 2**30, rel=1e-6)
+    lora = estimate(load_config("digits-unet/dmd", base + ["student.init=lora", "fake_score.init=lora", "teacher.dtype=bf16"]),
+                    batch_size=8, precision="bf16", checkpointing=True)
+    lp = {n["name"]: n for n in lora["networks"]}
+    assert 1e6 < lp["student"]["trained_params"] < 5e7  # rank-16 adapters
+    assert lora["phases_activation_gib"]["student"] < full["phases_activation_gib"]["student"] / 2
+    assert full["peak_gib"] > 24 > lora["peak_gib"]
+
+
+def test_plan_cli_exit_codes(sd15_config_dir, capsys):
+    args = ["plan", "digits-unet/dmd", f"teacher.name={sd15_config_dir}", "--batch-size", "8", "--precision", "bf16"]
+    assert main(args + ["--device", "24GB"]) == 1
+    assert "WILL NOT FIT a 24 GiB device" in capsys.readouterr().out
+    assert main(args + ["student.init=lora", "fake_score.init=lora", "--device", "a100-80gb"]) == 0
+    assert "fits a 80 GiB device" in capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher_class"] == "UNet2DConditionModel"
+    assert main(["plan", "toy2d/dmd"]) == 2
+    assert "analytic" in capsys.readouterr().err
+    with pytest.raises(StepdistillError, match="give a size"):
+        device_memory("big")
+
+
+def _grads(tmp_path, unet_teacher_dir, name, *extra):
+    cfg = load_config("digits-unet/dmd", [f"teacher.name={unet_teacher_dir}", "train.batch_size=4", "train.steps=1",
+                                          "train.sample_every=0", *extra])
+    tr = Trainer(cfg, tmp_path / name, progress=False)
+    tr.update("fake_score")
+    return [p.grad.clone() for p in tr.trainables["fake_score"].params if p.grad is not None], tr
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, unet_teacher_dir):
+    plain, _ = _grads(tmp_path, unet_teacher_dir, "a")
+    ckpt, tr = _grads(tmp_path, unet_teacher_dir, "b", "train.gradient_checkpointing=true")
+    model = tr.trainables["fake_score"].module.model
+    assert model.is_gradient_checkpointing and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert len(plain) == len(ckpt) > 0
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_backend_choice():
+    assert choose_attention("auto", "cpu") == "sdpa"
+    assert choose_attention("sdpa", "cpu") == "sdpa"
+    with pytest.raises(StepdistillError, match="xformers"):
+        choose_attention("xformers", "cpu")
+    with pytest.raises(StepdistillError, match="must be one of"):
+        choose_attention("flash", "cpu")
+
+
+def test_teacher_offload_rules(tmp_path, unet_teacher_dir):
+    with pytest.raises(StepdistillError, match="full-copy"):
+        _grads(tmp_path, unet_teacher_dir, "c", "teacher.offload=true", "student.init=lora", "fake_score.init=lora")
+    grads, _ = _grads(tmp_path, unet_teacher_dir, "d", "teacher.offload=true")  # CPU: nothing to offload, still trains
+    assert grads
