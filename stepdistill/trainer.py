@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trim_lora_weights
 from .config import NetworkConfig, RunConfig, save_config, to_dict
 from .contract import StepdistillError
 from .data import BatchSampler, load_real
@@ -286,6 +286,10 @@ class Trainer:
         for name, tr in self.trainables.items():
             owners.setdefault(id(tr.module), "+".join(n for n, t in self.trainables.items() if t.module is tr.module))
         self.module_names = list(owners.values())  # accelerate's model, model_1, ... in this order
+        # LoRA bases: checkpoint only the adapters (the base is the frozen teacher, reloaded on resume)
+        self.lora_modules = {i for i, names in enumerate(self.module_names)
+                             if any(self.trainables[n].adapter for n in names.split("+"))}
+        trim_lora_weights(self.accelerator, self.lora_modules)
 
     def _make_ema(self):
         decay = self.cfg.student.ema_decay
@@ -499,7 +503,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
-        state, tensors = load_checkpoint(self.accelerator, ckpt)
+        state, tensors = load_checkpoint(self.accelerator, ckpt, self.lora_modules)
         self.step = int(state["step"])
         self.updates.update(state.get("updates", {}))
         self.nonfinite_total.update(state.get("nonfinite_total", {}))

@@ -136,3 +136,33 @@ def test_objective_extra_network_is_trained_isolated_and_resumed(tmp_path):
     resumed.run()
     assert all(torch.equal(p, q) for p, q in zip(Trainer(cfg, tmp_path / "h", resume=True, progress=False).trainables["head"].params,
                                                  resumed.trainables["head"].params))
+
+
+def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, unet_teacher_dir):
+    from safetensors import safe_open
+
+    over = FAST + [f"teacher.name={unet_teacher_dir}", "student.init=lora", "fake_score.init=lora", "student.lora_rank=2",
+                   "fake_score.lora_rank=2", "train.batch_size=4", "train.steps=4", "train.checkpoint_every=2"]
+    cfg = load_config("toy2d/dmd", over)
+    Trainer(cfg, tmp_path / "a", progress=False).run()
+    ckpt = latest_checkpoint(tmp_path / "a")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys), "a LoRA checkpoint must not carry the frozen base"
+    assert any(".student." in k for k in keys) and any(".fake_score." in k for k in keys)
+    Trainer(cfg, tmp_path / "b", progress=False).run(until=2)
+    resumed = Trainer(cfg, tmp_path / "b", resume=True, progress=False)
+    resumed.run()
+    full = Trainer(cfg, tmp_path / "a", resume=True, progress=False)
+    for name in ("student", "fake_score"):
+        assert all(torch.equal(p, q) for p, q in zip(full.trainables[name].params, resumed.trainables[name].params))
+    base = [p for n, p in full.teacher.denoiser.named_parameters() if "lora_" not in n]
+    assert all(not p.requires_grad for p in base)
+    # a checkpoint from another layout (full copies) is refused in one line, not half-loaded
+    other = load_config("toy2d/dmd", over[:-3] + ["student.init=copy", "fake_score.init=copy", "train.steps=4"])
+    Trainer(other, tmp_path / "c", progress=False).run(until=1)
+    import shutil
+
+    shutil.copy(ckpt / "model.safetensors", latest_checkpoint(tmp_path / "c") / "model.safetensors")
+    with pytest.raises(StepdistillError, match="does not match the run's networks"):
+        Trainer(other, tmp_path / "c", resume=True, progress=False)
