@@ -73,6 +73,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive non-finite updates before the run stops
     num_sample_images: int = 64  # samples in each grid / scatter plot
     gradient_checkpointing: bool = False  # recompute activations of the trained diffusers networks in backward (less memory, ~30% slower)
+    distributed: str = "ddp"  # ddp (replicate) | fsdp (shard the trained full networks; FSDP2 via accelerate; not with LoRA)
     attention: str = "auto"  # auto (xformers when installed and on a GPU, else torch SDPA) | sdpa | xformers
 
 

@@ -70,6 +70,8 @@ def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None
             raise StepdistillError(f"{name}.init must be copy, lora or fit, got {cfg.init!r}")
         if is_analytic and cfg.init != "fit":
             raise StepdistillError(f"{name}.init={cfg.init}: the analytic teacher has no weights to copy; use {name}.init=fit")
+        if not is_analytic and cfg.init == "fit":
+            raise StepdistillError(f"{name}.init=fit is for analytic teachers (no weights); {teacher.name} has weights: use {name}.init=copy or lora")
     trainables: dict[str, Trainable] = {}
     fitted = None
     for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
@@ -127,6 +129,27 @@ def _optimizer(tr: Trainable, total_updates: int):
 # -------------------------------------------------------------------------------------- trainer
 
 
+def _fsdp_kwargs(cfg: RunConfig) -> dict:
+    """FSDP2 for the trained full networks (``train.distributed=fsdp``); the teacher stays unsharded.
+
+    Limits: LoRA views on one shared base cannot be sharded per network (the base belongs to
+    all three), so fsdp needs full-copy networks; each trained network is wrapped on its own.
+    DeepSpeed is not offered: one engine per model, and DMD-style runs train two.
+    """
+    mode = cfg.train.distributed
+    if mode not in ("ddp", "fsdp"):
+        raise StepdistillError(f"train.distributed must be ddp or fsdp, got {mode!r}")
+    if mode == "ddp":
+        return {}
+    if "lora" in (cfg.student.init, cfg.fake_score.init):
+        raise StepdistillError("train.distributed=fsdp needs full-copy networks (student.init=copy, fake_score.init=copy); "
+                               "LoRA adapters share the teacher's base: use ddp")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                          state_dict_type="SHARDED_STATE_DICT")}
+
+
 class NonFiniteError(StepdistillError):
     pass
 
@@ -158,7 +181,10 @@ class Trainer:
         uses_lora = "lora" in (cfg.student.init, cfg.fake_score.init)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=uses_lora)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available(),
-                                       kwargs_handlers=[ddp])
+                                       kwargs_handlers=[ddp], **_fsdp_kwargs(cfg))
+        if tc.distributed == "fsdp" and "FSDP" not in str(self.accelerator.distributed_type):
+            self.log(f"train.distributed=fsdp: accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
+                     "CUDA devices); training unsharded")
         self._check_run_dir(resume)
         from accelerate.utils import set_seed
 
