@@ -166,3 +166,23 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, unet_t
     shutil.copy(ckpt / "model.safetensors", latest_checkpoint(tmp_path / "c") / "model.safetensors")
     with pytest.raises(StepdistillError, match="does not match the run's networks"):
         Trainer(other, tmp_path / "c", resume=True, progress=False)
+
+
+def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "killed"
+    over = FAST + ["student.init=fit", "objective.name=nan_objective.SignalObjective", "objective.at=8",
+                   "objective.signal_name=SIGKILL", "train.steps=10", "train.checkpoint_every=3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", "toy2d/dmd", "--output-dir", str(run), "--no-progress", *over],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert latest_checkpoint(run).name == "step_0000006"  # killed in round 8: rounds 7-8 are lost, nothing else
+    resumed = Trainer(load_config("toy2d/dmd", over), run, resume=True, progress=False)
+    assert resumed.step == 6
+    assert resumed.run()["steps"] == 10
