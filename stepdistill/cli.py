@@ -19,6 +19,7 @@ EXAMPLES = {
     "teachers": "stepdistill teachers",
     "quickstart": "stepdistill quickstart --out runs/quickstart",
     "plan": "stepdistill plan digits-unet/dmd student.init=lora fake_score.init=lora --batch-size 64 --device 24GB",
+    "eval": "stepdistill eval digits-unet runs/a --steps 1 2 4 --num-samples 1000 --reference digits --out eval_out/a",
 }
 
 
@@ -76,6 +77,12 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluation.cli import run_eval
+
+    return run_eval(args)
+
+
 def _quiet_libraries() -> None:
     """Library warnings (diffusers, transformers) only with --debug: the console is for our messages."""
     import logging
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1, help="FSDP shards (devices) for the trained full networks")
     p.add_argument("--gradient-checkpointing", action="store_true", help="estimate with gradient checkpointing on")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from .evaluation.cli import add_eval_arguments
+
+    add_eval_arguments(add("eval", "sample teachers, students (run dirs) and exported pipelines with fixed seeds; "
+                           "FID, precision/recall, accuracy, NFE, latency, with the protocol", _cmd_eval))
     return parser
 
 

@@ -1,0 +1,156 @@
+"""Run the benchmark protocols and regenerate eval/RESULTS.md and the plots.
+
+    python eval/run_benchmarks.py eval/protocols/digits.yaml                  # sample + measure, then table
+    python eval/run_benchmarks.py eval/protocols/digits.yaml --only digits-flow
+    python eval/run_benchmarks.py --table-only                                # table and plots from results/*.json
+
+Each model of a protocol writes ``eval/results/<protocol>__<model>.json`` (every record with its
+protocol, the command that made it; rewritten after every setting, so a stopped run keeps what it
+measured) and sample grids under ``eval/results/grids/``. ``eval/RESULTS.md`` and
+``eval/results/fid_vs_nfe.png`` / ``fid_vs_latency.png`` are generated from all results JSON files:
+never edit them by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stepdistill.contract import StepdistillError  # noqa: E402
+from stepdistill.evaluation.cli import samplers_for  # noqa: E402
+from stepdistill.evaluation.harness import EvalSettings, Evaluator  # noqa: E402
+from stepdistill.evaluation.report import plot_fid_vs_cost, protocol_lines, slug, table  # noqa: E402
+
+RESULTS = ROOT / "eval" / "results"
+KNOWN = {"name", "reference", "feature_net", "inception_weights", "num_samples", "seed", "batch_size", "cost", "models", "runs"}
+
+
+def load_protocol(path: Path) -> dict:
+    proto = yaml.safe_load(path.read_text()) or {}
+    unknown = set(proto) - KNOWN
+    if unknown:
+        raise StepdistillError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(KNOWN)}")
+    return proto
+
+
+def settings_of(proto: dict, num_samples: int | None) -> EvalSettings:
+    cost = proto.get("cost") or {}
+    return EvalSettings(num_samples=num_samples or int(proto.get("num_samples", 1000)), seed=int(proto.get("seed", 0)),
+                        batch_size=int(proto.get("batch_size", 100)), reference=proto.get("reference", "digits"),
+                        feature_net=proto.get("feature_net", "digits"), inception_weights=proto.get("inception_weights"),
+                        cost=bool(cost.get("enabled", True)), cost_batch_size=int(cost.get("batch_size", 64)),
+                        cost_repeats=int(cost.get("repeats", 3)))
+
+
+def model_entries(proto: dict) -> list[dict]:
+    """Teachers (with solvers and steps) and runs/exports as one list of {spec, solvers, steps}."""
+    out = [{"spec": m["teacher"], "solvers": m.get("solvers"), "steps": m.get("steps", [1, 2, 4])} for m in proto.get("models", [])]
+    out += [{"spec": r if isinstance(r, str) else r["path"], "solvers": None,
+             "steps": ([1] if isinstance(r, str) else r.get("steps", [1]))} for r in proto.get("runs") or []]
+    return out
+
+
+def present(spec: str) -> bool:
+    from stepdistill.evaluation.sources import model_kind
+
+    try:
+        model_kind(spec)
+        return True
+    except StepdistillError:
+        return False
+
+
+def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, command: str) -> None:
+    proto = load_protocol(path)
+    name = proto.get("name", path.stem)
+    evaluator = Evaluator(settings_of(proto, num_samples), "cpu")
+    missing = []
+    for entry in model_entries(proto):
+        spec = entry["spec"]
+        if only and spec not in only:
+            continue
+        if not present(spec):
+            missing.append(spec)
+            print(f"skip {spec}: not present", flush=True)
+            continue
+        out = RESULTS / f"{name}__{slug(spec)}.json"
+        records = []
+        for sampler in samplers_for(spec, entry["steps"], entry["solvers"]):
+            start = time.time()
+            record = evaluator.evaluate(sampler, RESULTS / "grids" / f"{name}__{slug(sampler.label)}.png")
+            record["sample_grid"] = str(Path(record["sample_grid"]).relative_to(ROOT / "eval"))
+            record["eval_seconds"] = round(time.time() - start, 1)
+            records.append(record)
+            print(f"{sampler.label}: FID {record['fid']:.3f} P {record['precision']:.3f} R {record['recall']:.3f} "
+                  f"acc {record['accuracy']} NFE {record['nfe']} latency {record.get('latency_s', 0) * 1000:.1f} ms "
+                  f"({record['eval_seconds']} s)", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"protocol_file": os.path.relpath(path, ROOT), "protocol_name": name,
+                                       "command": command, "records": records}, indent=1) + "\n")
+    (RESULTS / f"{name}__missing.json").write_text(json.dumps(missing) + "\n")
+
+
+def write_results_table() -> None:
+    """eval/RESULTS.md and the plots from every eval/results/*.json."""
+    files = sorted(p for p in RESULTS.glob("*__*.json") if not p.name.endswith("__missing.json"))
+    by_protocol: dict[str, list[dict]] = {}
+    commands: dict[str, set] = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        by_protocol.setdefault(data["protocol_name"], []).extend(data["records"])
+        commands.setdefault(data["protocol_name"], set()).add(data["command"])
+    lines = ["# Benchmark results", "",
+             "Generated by `python eval/run_benchmarks.py --table-only` from `eval/results/*.json`; do not edit.", ""]
+    for name, records in sorted(by_protocol.items()):
+        records.sort(key=lambda r: (r["kind"] != "teacher", r["model"], r["solver"], r["steps"]))
+        missing_file = RESULTS / f"{name}__missing.json"
+        missing = json.loads(missing_file.read_text()) if missing_file.is_file() else []
+        nfe_plot = plot_fid_vs_cost(records, RESULTS / f"{name}_fid_vs_nfe.png", "nfe", "network evaluations per image (NFE)")
+        lat_plot = plot_fid_vs_cost(records, RESULTS / f"{name}_fid_vs_latency.png", "latency_s", "latency per image, batch 1 (ms)")
+        lines += [f"## Protocol `{name}`", "", *table(records), "",
+                  f"![FID vs NFE](results/{nfe_plot.name}) ![FID vs latency](results/{lat_plot.name})", "",
+                  "Protocol (every record in the JSON carries it in full):", "", *protocol_lines(records[0]["protocol"]),
+                  "- NFE: network evaluations per image, counted by a forward hook; each guided step counts 2",
+                  "- latency / img/s / peak memory: CPU, measured while other jobs shared the machine: compare within a row "
+                  "set, not across machines", f"- command: {'; '.join(sorted(commands[name]))}"]
+        if missing:
+            lines.append(f"- not present when the results were made (skipped): {', '.join(missing)}")
+        lines.append("")
+    (ROOT / "eval" / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {ROOT / 'eval' / 'RESULTS.md'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("protocols", nargs="*", type=Path, help="protocol YAML files (default: eval/protocols/*.yaml)")
+    p.add_argument("--only", nargs="+", help="only these models of the protocol")
+    p.add_argument("--num-samples", type=int, help="override the protocol's sample count (smoke runs)")
+    p.add_argument("--table-only", action="store_true", help="regenerate RESULTS.md and plots only")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not args.table_only:
+        command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT))] + sys.argv[1:])
+        for path in args.protocols or sorted((ROOT / "eval" / "protocols").glob("*.yaml")):
+            try:
+                run_protocol(path.resolve(), args.only, args.num_samples, command)
+            except StepdistillError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+    write_results_table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

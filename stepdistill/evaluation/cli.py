@@ -1,0 +1,122 @@
+"""``stepdistill eval MODEL [MODEL ...]``: seeded samples -> FID, KID, precision/recall, accuracy,
+diversity, CLIP score, NFE, latency, throughput and memory, with the protocol beside every number."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..contract import StepdistillError
+
+EXAMPLE = ("stepdistill eval digits-unet runs/a exports/a --steps 1 2 4 --num-samples 1000 --reference digits "
+           "--out eval_out/a")
+
+
+def add_eval_arguments(p) -> None:
+    """The ``eval`` sub-command's arguments (argparse parser ``p``)."""
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="embedded teacher name or teacher folder, training run directory, or exported pipeline folder")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts for teachers and pipelines (default: 1 2 4); "
+                   "a run directory's student uses its own student.times")
+    p.add_argument("--solvers", nargs="+", default=None, help="teacher solvers: ddim dpm++ unipc (VP), flow-euler (flow); "
+                   "default: ddim dpm++ for VP teachers, flow-euler for flow teachers")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="teacher CFG scale (default: its recommended_guidance_scale); passed to pipelines when given")
+    p.add_argument("--num-samples", type=int, default=1000, help="generated samples per setting (default: 1000)")
+    p.add_argument("--reference", default="digits", help="real set: digits (1797), digits-train, digits-test, or an image folder")
+    p.add_argument("--out", required=True, help="output folder: results.json, report.md, grids/*.png")
+    p.add_argument("--batch-size", type=int, default=100, help="sampling batch size (results do not depend on it)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: sample i uses seed + i (default: 0)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local Inception weights (torch-fidelity .pth): FID/KID/PR in Inception features instead of digits features")
+    p.add_argument("--tf-resize", action="store_true", help="Inception only: TF1-compatible resize (antialias=False) as TF-FID/ADM/EDM")
+    p.add_argument("--clip-model", default=None, metavar="PATH", help="open_clip folder (open_clip_config.json + weights) for CLIP score")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-cost", action="store_true", help="skip latency / throughput / memory")
+    p.add_argument("--cost-batch-size", type=int, default=64, help="batch size of the throughput measurement (default: 64)")
+    p.add_argument("--cache-dir", default=None, help="reference feature cache (default: ~/.cache/stepdistill/reference)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
+    p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StepdistillError(f"--device {name}: CUDA is not available here")
+    return name
+
+
+def default_solvers(teacher) -> list[str]:
+    return ["flow-euler"] if teacher.denoiser.schedule.kind == "flow" else ["ddim", "dpm++"]
+
+
+def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, guidance_scale: float | None = None,
+                 device="cpu", trust_remote_code: bool = False, use_ema: bool = True):
+    """Yield the ``ModelSampler``s one MODEL argument stands for (teacher x solver x steps, a student, pipeline x steps)."""
+    from . import sources
+
+    kind = sources.model_kind(spec)
+    if kind == "student":
+        yield sources.student_sampler(spec, device, use_ema, model=spec)
+        return
+    if kind == "pipeline":
+        for n in steps:
+            yield sources.pipeline_sampler(spec, n, guidance_scale, device, trust_remote_code, model=spec)
+        return
+    from ..teachers import load_teacher
+
+    teacher = load_teacher(spec)
+    fitting = default_solvers(teacher)
+    chosen = fitting if solvers is None else [s for s in solvers if s in (sources.FLOW_SOLVERS if fitting == ["flow-euler"] else sources.VP_SOLVERS)]
+    if not chosen:
+        raise StepdistillError(f"none of the solvers {solvers} fits teacher {spec!r}; try {', '.join(fitting)}")
+    for solver in chosen:
+        for n in steps:
+            yield sources.teacher_sampler(teacher, solver, n, guidance_scale, device, model=spec)
+
+
+def evaluate_models(models: list[str], out: Path, settings, steps: list[int], solvers=None, guidance_scale=None,
+                    device="cpu", clip_model=None, trust_remote_code=False, use_ema=True, log=print) -> list[dict]:
+    """Evaluate every sampler of every MODEL; write results.json, report.md and grids into ``out``."""
+    from .harness import Evaluator
+    from .report import slug, write_report
+
+    for spec in models:  # fail fast on a bad MODEL before any sampling
+        from .sources import model_kind
+
+        model_kind(spec)
+    evaluator = Evaluator(settings, device, clip_model, log)
+    records = []
+    for spec in models:
+        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema):
+            start = time.time()
+            record = evaluator.evaluate(sampler, out / "grids" / f"{slug(sampler.label)}.png")
+            record["eval_seconds"] = round(time.time() - start, 1)
+            records.append(record)
+            log(f"{sampler.label}: FID {record['fid']:.3f}  P {record['precision']:.3f}  R {record['recall']:.3f}  "
+                f"acc {record['accuracy'] if record['accuracy'] is not None else '-'}  NFE {record['nfe']}  "
+                f"({record['eval_seconds']} s)")
+    write_report(records, out)
+    return records
+
+
+def run_eval(args) -> int:
+    """The ``stepdistill eval`` command."""
+    from .harness import EvalSettings
+
+    if any(n < 1 for n in args.steps):
+        raise StepdistillError(f"--steps must be positive integers, got {args.steps}")
+    device = _device(args.device)
+    settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                            reference=args.reference, feature_net="inception" if args.inception_weights else "digits",
+                            inception_weights=args.inception_weights, inception_antialias=not args.tf_resize,
+                            cost=not args.no_cost, cost_batch_size=args.cost_batch_size, cache_dir=args.cache_dir)
+    out = Path(args.out)
+    records = evaluate_models(args.models, out, settings, args.steps, args.solvers, args.guidance_scale, device,
+                              args.clip_model, args.trust_remote_code, not args.no_ema)
+    print(json.dumps({"results": str(out / "results.json"), "report": str(out / "report.md"), "evaluations": len(records)}))
+    return 0

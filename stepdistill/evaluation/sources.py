@@ -1,0 +1,362 @@
+"""Model sources: what ``stepdistill eval MODEL`` can sample, as seeded ``ModelSampler``s.
+
+* **teacher** (embedded name or teacher folder) with a fast solver at a step count: the
+  diffusers scheduler's own ``set_timesteps`` / ``scale_model_input`` / ``step`` driven by a
+  small loop over the teacher's network in its native parameterisation (the contract adapter's
+  ``model_output``), classifier-free guidance combined in that space (for a fixed t it equals
+  CFG in x0 space). VP teachers: ``ddim`` (eta 0), ``dpm++`` (DPMSolverMultistepScheduler,
+  ``dpmsolver++``, order 2), ``unipc``; flow teachers: ``flow-euler``
+  (FlowMatchEulerDiscreteScheduler). VP solvers use ``timestep_spacing="trailing"`` so one step
+  starts at t = 999 (Lin et al. 2024, arXiv:2305.08891, Table 2); the rest of the teacher's
+  scheduler config (betas, prediction type, clipping) is kept.
+* **student** of a training run directory: ``config.yaml`` + the latest checkpoint, sampled at
+  the run's ``student.times`` (x0-then-re-noise, ``few_step_sample`` with per-sample noise).
+* **pipeline**: an exported folder loaded with ``DiffusionPipeline.from_pretrained`` and called
+  with ``num_inference_steps``, ``output_type="pt"`` and one generator per sample.
+
+Every sampler maps (seeds [B], Conditions) to images [B, C, H, W] in [-1, 1]; sample i uses
+only the generator seeded with its own seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import ClassLabels, Prompts, concat_cond
+from ..contract import StepdistillError, add_noise, as_time
+from .seeding import Conditions, per_sample_randn, sample_generators
+
+VP_SOLVERS = {
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}),
+}
+FLOW_SOLVERS = {"flow-euler": ("FlowMatchEulerDiscreteScheduler", {})}
+SOLVER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "unipc": "UniPC", "flow-euler": "FlowMatchEuler"}
+
+
+@dataclass
+class ModelSampler:
+    """One model at one setting, ready to generate seeded samples."""
+
+    model: str  # the name given on the command line
+    kind: str  # teacher | student | pipeline
+    solver: str
+    steps: int
+    guidance_scale: float | None
+    generate: Callable[[Sequence[int], Conditions], Tensor]  # (seeds, conditions) -> [B, C, H, W] in [-1, 1]
+    networks: list[nn.Module]  # every forward call of these counts as network evaluations (NFE)
+    num_classes: int = 0
+    prompts: str | list[str] | None = None  # "digits" for digit-caption prompts
+    info: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        guide = f", w={self.guidance_scale:g}" if self.guidance_scale not in (None, 1.0) else ""
+        return f"{self.model} [{self.kind}] {SOLVER_NAMES.get(self.solver, self.solver)} {self.steps} step{'s' * (self.steps != 1)}{guide}"
+
+
+# ------------------------------------------------------------------------------------ resolving
+
+
+def model_kind(spec: str) -> str:
+    """teacher | student | pipeline for a MODEL argument (one-line error if none fits)."""
+    from ..teachers import assets_dir
+
+    path = Path(spec)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return "student"
+    if (path / "stepdistill_teacher.json").is_file() or ("/" not in spec and (assets_dir() / "teachers" / spec).is_dir()):
+        return "teacher"
+    if (path / "model_index.json").is_file():
+        return "pipeline"
+    if path.is_dir() and (path / "scheduler").is_dir() and ((path / "unet").is_dir() or (path / "transformer").is_dir()):
+        return "teacher"
+    raise StepdistillError(f"MODEL {spec!r} is not an embedded teacher name, a teacher folder, a run directory "
+                           "(config.yaml + checkpoints/) or an exported pipeline folder (model_index.json)")
+
+
+def teacher_prompts(teacher) -> str | None:
+    """'digits' for prompt-conditioned teachers (the embedded digits-sd uses digit captions)."""
+    return "digits" if isinstance(teacher.conditioner, Prompts) else None
+
+
+def _cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | None]:
+    from ..data import _to
+
+    if isinstance(conditioner, Prompts):
+        if conds.prompts is None:
+            raise StepdistillError("this model is prompt-conditioned but no prompts were given")
+        cond, null = conditioner.texts(list(conds.prompts))
+    elif isinstance(conditioner, ClassLabels):
+        cond, null = conditioner.labelled(conds.labels)
+    else:
+        cond, null = {}, None
+    return _to(cond, device), _to(null, device)
+
+
+# ------------------------------------------------------------------------------------ teachers
+
+
+def solver_scheduler(solver: str, scheduler_config: dict, steps: int):
+    """A diffusers scheduler for ``solver`` built from the teacher's scheduler config, timesteps set."""
+    import diffusers
+
+    is_flow = "FlowMatch" in scheduler_config.get("_class_name", "")
+    table = FLOW_SOLVERS if is_flow else VP_SOLVERS
+    if solver not in table:
+        raise StepdistillError(f"solver {solver!r} does not fit a {'flow' if is_flow else 'VP'} teacher; "
+                               f"use one of {', '.join(table)}")
+    if steps < 1:
+        raise StepdistillError(f"--steps must be >= 1, got {steps}")
+    config = {k: v for k, v in scheduler_config.items() if k != "_use_default_values"}
+    sched = getattr(diffusers, table[solver][0]).from_config(config, **solver_overrides(solver, config))
+    sched.set_timesteps(steps)
+    return sched
+
+
+def solver_overrides(solver: str, scheduler_config: dict) -> dict:
+    """Scheduler settings changed from the teacher's config for ``solver``.
+
+    A teacher trained with ``clip_sample`` (x0 clipped to [-r, r] by DDIM) gets the same clipping
+    in DPM-Solver++ / UniPC through ``thresholding`` with ``sample_max_value = r`` (the dynamic
+    threshold s = clamp(quantile, 1, r) is then exactly r = 1 for r = 1). Without it, x0 predicted
+    at t = 999 of a cosine schedule (alpha ~ 1e-4) is unbounded and multistep solvers never recover.
+    """
+    overrides = dict((VP_SOLVERS | FLOW_SOLVERS)[solver][1])
+    if solver in ("dpm++", "unipc") and scheduler_config.get("clip_sample"):
+        overrides |= {"thresholding": True, "sample_max_value": float(scheduler_config.get("clip_sample_range", 1.0))}
+    return overrides
+
+
+def guided_output(denoiser, x: Tensor, t: Tensor, cond: dict, null: dict | None, scale: float) -> Tensor:
+    """CFG on the network's native output: u + w (c - u) (w = 1: conditional only, one evaluation)."""
+    if null is None or scale == 1.0:
+        return denoiser.model_output(x, t, cond)
+    both = denoiser.model_output(torch.cat([x, x]), torch.cat([t, t]), concat_cond(cond, null))  # [2B, ...]
+    c, u = both.float().chunk(2)
+    return u + scale * (c - u)
+
+
+def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | None = None, device="cpu",
+                    model: str | None = None) -> ModelSampler:
+    """A teacher sampled with a diffusers solver (see the module docstring)."""
+    denoiser = teacher.denoiser
+    if not hasattr(denoiser, "model_output") or teacher.folder is None:
+        raise StepdistillError(f"teacher {teacher.name!r} is not a diffusers teacher; eval needs an image teacher folder")
+    config = json.loads((teacher.folder / "scheduler" / "scheduler_config.json").read_text())
+    w = float(teacher.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    sched = solver_scheduler(solver, config, steps)  # checks solver and steps now
+    schedule, shape = denoiser.schedule, teacher.sample_shape
+    denoiser.to(device)
+
+    @torch.no_grad()
+    def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
+        sched = solver_scheduler(solver, config, steps)  # multistep solvers keep state: a fresh one per batch
+        cond, null = _cond_dicts(teacher.conditioner, conds, device)
+        x = per_sample_randn(sample_generators(seeds), shape).to(device) * getattr(sched, "init_noise_sigma", 1.0)  # [B, *shape]
+        for ts in sched.timesteps:
+            t = as_time(schedule.from_native(ts.float()), x)  # [B] continuous time of this native timestep
+            x_in = sched.scale_model_input(x, ts) if hasattr(sched, "scale_model_input") else x  # flow: no scaling
+            out = guided_output(denoiser, x_in, t, cond, null, w)
+            x = sched.step(out.to(x.dtype), ts, x).prev_sample
+        return _finish(teacher, x)
+
+    info = {"scheduler": type(sched).__name__, "timesteps": [round(float(v), 3) for v in sched.timesteps],
+            "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder)}
+    return ModelSampler(model or teacher.name, "teacher", solver, steps, w, generate, [_inner(denoiser)],
+                        teacher.num_classes, teacher_prompts(teacher), info)
+
+
+def _finish(teacher, x: Tensor) -> Tensor:
+    """Latents -> images through the teacher's VAE; clamp to [-1, 1]."""
+    if teacher.decode is not None:
+        x = teacher.decode(x)
+    return x.float().clamp(-1, 1)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The diffusers network inside a contract adapter (what NFE counts)."""
+    return getattr(module, "model", module)
+
+
+# ------------------------------------------------------------------------------------ students
+
+
+def _student_state(ckpt: Path) -> tuple[dict, Path]:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    order = state.get("module_order", [])
+    idx = next((i for i, names in enumerate(order) if "student" in names.split("+")), None)
+    if idx is None:
+        raise StepdistillError(f"checkpoint {ckpt} has no student network (module_order {order})")
+    return state, ckpt / f"model{'' if idx == 0 else f'_{idx}'}.safetensors"
+
+
+def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True):
+    """(teacher, student denoiser view, times, info) from a run directory's config and latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint import latest_checkpoint
+    from ..config import load_config
+    from ..networks import Net
+    from ..teachers import load_teacher
+    from ..trainer import build_networks
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise StepdistillError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    prompts = None
+    if cfg.data.conditions.startswith("prompts:"):
+        from ..conditioning import read_prompt_file
+
+        prompts = read_prompt_file(cfg.data.conditions.removeprefix("prompts:"))
+    teacher = load_teacher(cfg.teacher.name, cfg.teacher.dtype, prompts)
+    student = build_networks(teacher, cfg.student, None, cfg.train.seed, log=lambda _m: None, fit=False)["student"]
+    state, weights = _student_state(ckpt)
+    saved = load_file(str(weights))
+    own = student.module.state_dict()
+    needed = [k for k in own if (student.adapter is None or (".student." in k and "lora_" in k))]
+    missing = [k for k in needed if k not in saved]
+    if missing:
+        raise StepdistillError(f"{weights} lacks {len(missing)} student weights (e.g. {missing[0]!r}); was it written by this run?")
+    student.module.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
+    ema_used = False
+    extra = load_file(str(ckpt / "extra.safetensors")) if (ckpt / "extra.safetensors").is_file() else {}
+    if use_ema and "ema.0" in extra:
+        for i, p in enumerate(student.params):
+            p.data.copy_(extra[f"ema.{i}"])
+        ema_used = True
+    student.module.to(device).eval().requires_grad_(False)
+    view = Net(student.module, teacher.denoiser.schedule, adapter=student.adapter)
+    info = {"checkpoint": str(ckpt), "step": state.get("step"), "ema": ema_used, "objective": state.get("objective", {}),
+            "student_init": cfg.student.init, "teacher": cfg.teacher.name}
+    return teacher, view, [float(t) for t in cfg.student.times], info
+
+
+def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float], generators: list[torch.Generator]) -> Tensor:
+    """``sampling.few_step_sample`` with the re-noising noise of row b drawn from generators[b].
+
+    Equal to ``few_step_sample(student, noise[b:b+1], cond_b, times, generators[b])`` row by row
+    (tested), so multi-step students do not depend on the batch size either.
+    """
+    from ..sampling import init_noise_sigma
+
+    x = noise * init_noise_sigma(student.schedule)
+    for k, t in enumerate(times):
+        x0 = student(x, as_time(t, x), cond)  # [B, ...]
+        if k < len(times) - 1:
+            z = per_sample_randn(generators, tuple(x.shape[1:])).to(x.device, x.dtype)
+            x = add_noise(student.schedule, x0.detach(), z, as_time(times[k + 1], x))
+    return x0
+
+
+def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None) -> ModelSampler:
+    teacher, view, times, info = load_student(run_dir, device, use_ema)
+    teacher.denoiser.to(device)
+
+    @torch.no_grad()
+    def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
+        cond, _ = _cond_dicts(teacher.conditioner, conds, device)
+        gens = sample_generators(seeds)
+        noise = per_sample_randn(gens, teacher.sample_shape).to(device)
+        return _finish(teacher, seeded_few_step_sample(view, noise, cond, times, gens))
+
+    info["times"] = times
+    return ModelSampler(model or str(run_dir), "student", "few-step", len(times), None, generate,
+                        [_inner(view.module)], teacher.num_classes, teacher_prompts(teacher), info)
+
+
+# ------------------------------------------------------------------------------------ pipelines
+
+
+def _missing_components(folder: Path) -> dict:
+    """Components named in model_index.json but not saved: the offline MiniLM text encoder if it fits."""
+    index = json.loads((folder / "model_index.json").read_text())
+    out = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or (folder / name).is_dir():
+            continue
+        if name == "text_encoder" and entry[1] == "BertModel":
+            from ..teachers import text_encoder_minilm
+
+            out[name] = text_encoder_minilm()[0]
+        elif name in ("safety_checker", "feature_extractor", "image_encoder"):
+            out[name] = None
+    return out
+
+
+def load_pipeline(folder: str | Path, device="cpu", trust_remote_code: bool = False):
+    """``DiffusionPipeline.from_pretrained(folder)``; one-line errors."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust_remote_code, **_missing_components(folder))
+    except (ValueError, OSError, TypeError, AttributeError) as e:
+        hint = "" if trust_remote_code else " (a folder with its own pipeline .py needs --trust-remote-code)"
+        raise StepdistillError(f"cannot load pipeline {str(folder)!r}: {str(e).splitlines()[0]}{hint}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _images_to_tensor(images) -> Tensor:
+    """Pipeline output (pt [B, C, H, W] / np [B, H, W, C] in [0, 1] / PIL list) -> [B, C, H, W] in [-1, 1]."""
+    import numpy as np
+
+    if isinstance(images, list):
+        images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+        images = images[..., None] if images.ndim == 3 else images
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return (images.float() * 2 - 1).clamp(-1, 1)
+
+
+def pipeline_call_kwargs(params, seeds: Sequence[int], conds: Conditions, steps: int, guidance_scale) -> dict:
+    """Keyword arguments for a pipeline ``__call__`` with these parameters."""
+    kwargs = {"num_inference_steps": steps, "generator": sample_generators(seeds)}
+    if "output_type" in params:
+        kwargs["output_type"] = "pt"
+    if conds.prompts is not None and "prompt" in params:
+        kwargs["prompt"] = list(conds.prompts)
+    elif conds.labels is not None:
+        name = next((n for n in ("class_labels", "class_label", "labels") if n in params), None)
+        if name is None:
+            raise StepdistillError("this pipeline takes no class labels (no class_labels argument)")
+        kwargs[name] = conds.labels
+    elif "batch_size" in params:
+        kwargs["batch_size"] = len(seeds)
+    if guidance_scale is not None and "guidance_scale" in params:
+        kwargs["guidance_scale"] = guidance_scale
+    return kwargs
+
+
+def pipeline_sampler(folder: str | Path, steps: int, guidance_scale: float | None = None, device="cpu",
+                     trust_remote_code: bool = False, num_classes: int = 0, prompts=None, model: str | None = None) -> ModelSampler:
+    """An exported pipeline folder at ``steps`` steps (see the module docstring)."""
+    pipe = load_pipeline(folder, device, trust_remote_code)
+    params = inspect.signature(pipe.__call__).parameters
+    meta_path = Path(folder) / "stepdistill_export.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    num_classes = num_classes or int(meta.get("num_classes") or 0)
+    if prompts is None and "prompt" in params:
+        prompts = meta.get("prompts", "digits")
+
+    @torch.no_grad()
+    def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
+        out = pipe(**pipeline_call_kwargs(params, seeds, conds, steps, guidance_scale))
+        return _images_to_tensor(out.images if hasattr(out, "images") else out[0])
+
+    networks = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None)) if isinstance(m, nn.Module)]
+    info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
+            "folder": str(folder)}
+    return ModelSampler(model or str(folder), "pipeline", info["scheduler"] or "pipeline", steps, guidance_scale, generate,
+                        networks, num_classes, prompts if "prompt" in params else None, info)
