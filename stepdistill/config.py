@@ -159,16 +159,18 @@ def _build(cls, data: dict, path: str):
     return cls(**kwargs)
 
 
-def build_objective_config(data: dict):
-    """The objective section: ``name`` plus that objective's own fields."""
+def build_objective_config(data: dict, path: str = "objective"):
+    """The objective section (or a part of a composed one, at ``path``): ``name`` plus that objective's own fields."""
     from .objectives.registry import get_objective_class
 
+    if not isinstance(data, dict):
+        raise StepdistillError(f"{path}: expected a mapping, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("name", None)
     if not name:
-        raise StepdistillError("objective.name is required (e.g. dmd); see `stepdistill recipes`")
+        raise StepdistillError(f"{path}.name is required (e.g. dmd); see `stepdistill recipes`")
     cls = get_objective_class(str(name))
-    return _build(cls, data, "objective")
+    return _build(cls, data, path)
 
 
 # --------------------------------------------------------------------------------------- recipes

@@ -47,6 +47,9 @@ def default_feature_layers(module: nn.Module) -> list[str]:
     raise StepdistillError(f"no default feature layers for {type(net).__name__}; set the objective's feature_layers")
 
 
+_JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock")  # SD3 / FLUX: the text stream comes first (None in SD3's last block)
+
+
 @contextlib.contextmanager
 def capture(module: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Within the block, every forward of ``module`` stores ``{layer: output}`` (last call wins)."""
@@ -58,8 +61,9 @@ def capture(module: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tens
     store: dict[str, Tensor] = {}
 
     def hook(name):
-        def fn(_mod, _inp, out):
-            out = out[0] if isinstance(out, (tuple, list)) else out
+        def fn(mod, _inp, out):
+            if isinstance(out, (tuple, list)):  # joint blocks: (encoder_hidden_states, hidden_states), image tokens last
+                out = out[-1] if type(mod).__name__ in _JOINT_BLOCKS else out[0]
             store[name] = getattr(out, "sample", out)
         return fn
 

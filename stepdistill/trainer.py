@@ -204,6 +204,7 @@ class Trainer:
                                     tc.seed * 1000 + rank + 1, self.device, real)
         self.rng = torch.Generator().manual_seed(tc.seed * 1000 + rank + 500_000)
         self.ema = self._make_ema()
+        self.nets.ema_weights = None if self.ema is None else _ema_weights(self.ema, self.trainables["student"].params)
         self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), 0
         self.updates = defaultdict(int)
         self._stop_signal = None

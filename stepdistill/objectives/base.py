@@ -26,6 +26,7 @@ class Nets:
     student_times: tuple[float, ...] = (1.0,)  # generation times, descending; (1.0,) = one step
     fake_score: Denoiser | None = None  # online score of the student's samples
     extra: dict[str, nn.Module] = field(default_factory=dict)  # e.g. discriminator heads
+    ema_weights: object | None = None  # context manager: swaps the student's EMA weights in (student.ema_decay > 0)
 
 
 @dataclass

@@ -1,3 +1,7 @@
 """Imports every built-in objective so its ``@register`` line runs."""
 
 from . import dmd  # noqa: F401
+from . import lcm  # noqa: F401
+from . import scm  # noqa: F401
+from . import ladd  # noqa: F401
+from . import compose  # noqa: F401
