@@ -18,6 +18,7 @@ EXAMPLES = {
     "recipes": "stepdistill recipes",
     "teachers": "stepdistill teachers",
     "quickstart": "stepdistill quickstart --out runs/quickstart",
+    "export": "stepdistill export runs/digits runs/digits-export --steps 1",
     "plan": "stepdistill plan digits-unet/dmd student.init=lora fake_score.init=lora --batch-size 64 --device 24GB",
     "eval": "stepdistill eval digits-unet runs/a --steps 1 2 4 --num-samples 1000 --reference digits --out eval_out/a",
 }
@@ -83,6 +84,15 @@ def _cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    meta = export_run(args.run_dir, args.out_dir, args.steps, use_ema=args.ema, lora=args.lora, dtype=args.dtype)
+    print(json.dumps({"out": args.out_dir, "pipeline": meta["pipeline"], "scheduler": meta["scheduler"],
+                      "steps": meta["steps"], "model_card": str(Path(args.out_dir) / "README.md")}, indent=1))
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Library warnings (diffusers, transformers) only with --debug: the console is for our messages."""
     import logging
@@ -122,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="a short run (about a minute) for CI")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = add("export", "write a trained student as a folder that diffusers' DiffusionPipeline.from_pretrained loads, "
+            "with its scheduler and timesteps set", _cmd_export)
+    p.add_argument("run_dir", help="a training run directory (the --output-dir of stepdistill train)")
+    p.add_argument("out_dir", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--steps", type=int, nargs="+", help="step counts to export (default: the run's own; consistency "
+                   "students accept any)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights when the run kept them (default)")
+    p.add_argument("--lora", action="store_true", help="LoRA students of SD-style teachers: also write the adapter for load_lora_weights")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     p = add("plan", "estimate parameters, optimizer state and activation memory of a recipe before training "
             "(exit 1 when it will not fit --device)", _cmd_plan)
     p.add_argument("recipe", help="recipe file or shipped name")

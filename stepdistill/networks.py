@@ -132,10 +132,16 @@ def add_lora(model: nn.Module, name: str, rank: int, alpha: float, targets: Sequ
 
 
 def full_copy(module: nn.Module) -> nn.Module:
-    """A trainable fp32 copy (master weights) of a teacher module."""
+    """A trainable fp32 copy (master weights) of a teacher module, in eval mode.
+
+    Eval mode on purpose: distillation wants the network's deterministic function. In train
+    mode diffusers' ``LabelEmbedding`` (DiT, PixArt) replaces 10% of the class labels by the
+    null class, which would silently train a class-conditional student on wrong labels.
+    Gradients do not depend on the mode (diffusers' checkpointing keys on grad mode).
+    """
     clone = copy.deepcopy(module).float()
     clone.requires_grad_(True)
-    return clone.train()
+    return clone.eval()
 
 
 def fit_to_teacher(

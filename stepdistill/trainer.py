@@ -291,6 +291,17 @@ class Trainer:
         times = [float(t) for t in self.cfg.student.times]
         if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
             raise StepdistillError(f"student.times must be strictly decreasing values in (0, 1], got {times}")
+        schedule = self.teacher.denoiser.schedule
+        if getattr(schedule, "kind", "") == "vp" and hasattr(schedule, "num_train_timesteps"):
+            # VP students generate at the teacher's integer timesteps, so exported schedulers replay them exactly
+            last = schedule.num_train_timesteps - 1
+            snapped = [round(t * last) / last for t in times]
+            if len(set(snapped)) < len(snapped):
+                raise StepdistillError(f"student.times {times} collide on the teacher's {last + 1} integer timesteps")
+            if any(abs(a - b) > 1e-9 for a, b in zip(times, snapped)):
+                self.log(f"student times {times} snapped to the teacher's integer timesteps: "
+                         f"{[round(t * last) for t in times]} (t = {[round(t, 6) for t in snapped]})")
+            times = snapped
         return times
 
     def _prepare(self) -> None:

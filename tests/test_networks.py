@@ -60,3 +60,18 @@ def test_few_step_and_ddim_sampling_shapes():
     assert torch.equal(ode, ddim_sample(den, noise, cond, 4, {"class_labels": torch.full((3,), 10)}, guidance_scale=2.0))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(few_step_sample(den, noise, cond, [1.0, 0.5], g1), few_step_sample(den, noise, cond, [1.0, 0.5], g2))
+
+
+def test_full_copy_is_deterministic_for_label_dropout_models():
+    """diffusers' LabelEmbedding drops 10% of labels in train mode; a student copy must not."""
+    from conftest import tiny_dit
+
+    from stepdistill.networks import full_copy
+
+    dit = tiny_dit().eval()
+    student = full_copy(dit)
+    assert not student.training
+    x, t, labels = torch.randn(64, 4, 8, 8), torch.full((64,), 500.0), torch.arange(64) % 10
+    a = student(x, timestep=t, class_labels=labels).sample
+    b = student(x, timestep=t, class_labels=labels).sample
+    assert torch.equal(a, b)
