@@ -1,14 +1,24 @@
-"""``stepdistill quickstart``: distil a one-step student and report it against its teacher.
+"""``stepdistill quickstart``: distil, export, reload, evaluate and report, on the embedded digits teacher.
 
-For now it runs the shipped ``toy2d/dmd`` recipe on the analytic 8-mode ring, where the
-teacher's answer is known exactly, and writes ``report.md`` with measured numbers: the
-sliced Wasserstein distance to exact teacher samples, per-mode shares, the teacher's own
-distance at 1 and 50 DDIM steps for comparison, and scatter plots.
+1. **train** a one-step DMD student of ``digits-unet`` (recipe ``digits-unet/dmd``: 200 rounds of
+   4 fake-score + 1 student update; ``--fast``: 6 small rounds, for CI);
+2. **export** it with ``stepdistill export`` into a folder ``DiffusionPipeline.from_pretrained``
+   loads (the class-conditional pipeline travels inside it);
+3. **reload** that folder in a fresh Python process that never imports stepdistill, sample with
+   fixed seeds, and check the images equal the toolkit's own student samples;
+4. **evaluate** on one protocol (``stepdistill eval``): the teacher at 50 DPM-Solver++ steps and at
+   1 step, and the exported student at 1 step: FID and precision/recall in the digits
+   classifier's features against all 1797 digits, conditional accuracy, NFE, latency;
+5. **report**: ``report.md`` with the grids side by side, the table and the speed-up, and
+   ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,62 +26,150 @@ import torch
 
 from .config import load_config
 from .contract import StepdistillError
-from .metrics.toy import mode_shares, sliced_wasserstein
-from .sampling import ddim_sample
-from .trainer import Trainer
-from .viz import save_samples
 
-N_EVAL = 4000
+RECIPE = "digits-unet/dmd"
+TEACHER = "digits-unet"
+FULL = {"overrides": [], "eval_samples": 500}
+FAST = {"overrides": ["train.steps=6", "train.batch_size=8", "objective.critic_ratio=1", "train.sample_every=0",
+                      "train.checkpoint_every=0"], "eval_samples": 60}
+
+_RELOAD = """
+import sys, torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+labels = list(range(10)) * 2
+images = pipe(class_labels=labels, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
+assert "stepdistill" not in sys.modules
+save_file({"images": images.contiguous()}, sys.argv[2])
+print(type(pipe).__name__, tuple(images.shape))
+"""
 
 
-def _measure(x: torch.Tensor, reference: torch.Tensor, means: torch.Tensor) -> dict:
-    shares, near = mode_shares(x, means), mode_shares(x, means, max_dist=0.5)
-    return {"sliced_wasserstein": round(sliced_wasserstein(x, reference), 4),
-            "modes_covered": int((near >= 0.01).sum()),
-            "share_min": round(float(shares.min()), 4), "share_max": round(float(shares.max()), 4),
-            "on_mode_fraction": round(float(near.sum()), 4)}
+def _stage(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+def _toolkit_images(run_dir: Path, labels: list[int]) -> torch.Tensor:
+    """The trained student's own images for ``labels`` with one generator seeded 0 (as the pipeline)."""
+    from .networks import Net, unwrap
+    from .sampling import few_step_sample
+    from .trainer import Trainer
+
+    tr = Trainer(load_config(str(run_dir / "config.yaml")), run_dir, resume=True, progress=False)
+    st = tr.trainables["student"]
+    view = Net(unwrap(st.module), tr.teacher.denoiser.schedule, adapter=st.adapter)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(labels), *tr.teacher.sample_shape, generator=g)
+    with torch.no_grad():
+        x = few_step_sample(view, noise, {"class_labels": torch.tensor(labels)}, tr.nets.student_times, g)
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def _reload_in_clean_process(export_dir: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    target = out / "reload_check.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(export_dir), str(target)], capture_output=True, text=True,
+                          env=env, cwd=out, timeout=600)
+    if proc.returncode != 0:
+        raise StepdistillError(f"reloading {export_dir} in a clean process failed: {proc.stderr.strip().splitlines()[-1]}")
+    return {"images": load_file(str(target))["images"], "stdout": proc.stdout.strip()}
 
 
 def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate and report; returns the summary written to ``out/summary.json``."""
+    """Run the five stages; returns the summary written to ``out/summary.json``."""
+    from .evaluation.cli import evaluate_models
+    from .evaluation.harness import EvalSettings
+    from .export import export_run
+    from .trainer import Trainer
+
     out = Path(out)
-    if (out / "run" / "checkpoints").exists():
-        raise StepdistillError(f"{out} already holds a quickstart run; choose another --out or delete it")
-    overrides = ["train.steps=200", "student.fit_steps=300"] if fast else []
-    cfg = load_config("toy2d/dmd", overrides + ["train.log_every=100"])
-    trainer = Trainer(cfg, out / "run", progress=progress)
-    gm = trainer.teacher.denoiser
-    reference = gm.sample(N_EVAL, torch.Generator().manual_seed(7))
-    untrained = trainer.generate(N_EVAL, seed=3)
+    if out.exists() and any(out.iterdir()):
+        raise StepdistillError(f"{out} already holds files; choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = FAST if fast else FULL
+    times: dict[str, float] = {}
+
+    _stage(f"1/5 training a one-step DMD student of {TEACHER} (recipe {RECIPE}{', --fast' if fast else ''})")
+    cfg = load_config(RECIPE, plan["overrides"])
     start = time.time()
+    trainer = Trainer(cfg, out / "run", progress=progress)
     trainer.run()
-    train_seconds = time.time() - start
-    student = trainer.generate(N_EVAL, seed=3)
-    noise = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(3))
-    rows = {"student, untrained (1 step)": _measure(untrained, reference, gm.means),
-            "student, DMD (1 step)": _measure(student, reference, gm.means)}
-    for steps in (1, 50):
-        rows[f"teacher, DDIM {steps} step{'s' * (steps > 1)}"] = _measure(ddim_sample(gm, noise, None, steps), reference, gm.means)
-    save_samples(untrained[:1000], out / "untrained.png", reference[:1000], title="untrained one-step student")
-    save_samples(student[:1000], out / "student.png", reference[:1000], title="DMD one-step student")
-    summary = {"recipe": "toy2d/dmd", "fast": fast, "rounds": cfg.train.steps, "train_seconds": round(train_seconds, 1),
-               "eval_samples": N_EVAL, "results": rows, "report": str(out / "report.md")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(_report(summary))
+    times["train_s"] = round(time.time() - start, 1)
+    del trainer
+
+    _stage("2/5 exporting to a diffusers pipeline folder")
+    start = time.time()
+    export_run(out / "run", out / "pipeline")
+    times["export_s"] = round(time.time() - start, 1)
+
+    _stage("3/5 reloading it with DiffusionPipeline.from_pretrained in a clean process")
+    reload = _reload_in_clean_process(out / "pipeline", out)
+    ours = _toolkit_images(out / "run", list(range(10)) * 2)
+    parity = float((reload["images"] - ours).abs().max())
+    if parity > 1e-4:
+        raise StepdistillError(f"the reloaded pipeline differs from the trained student by {parity:.3g} (max abs)")
+
+    _stage(f"4/5 evaluating teacher (50 and 1 DPM-Solver++ steps) and student (1 step) on {plan['eval_samples']} samples")
+    settings = EvalSettings(num_samples=plan["eval_samples"], batch_size=100, cost_batch_size=32, cost_repeats=3)
+    start = time.time()
+    teacher_rows = evaluate_models([TEACHER], out / "eval" / "teacher", settings, [50, 1], solvers=["dpm++"], log=_stage)
+    student_rows = evaluate_models([str(out / "pipeline")], out / "eval" / "student", settings, [1], trust_remote_code=True,
+                                   log=_stage)
+    times["eval_s"] = round(time.time() - start, 1)
+
+    _stage("5/5 writing the report")
+    rows = {"teacher, DPM-Solver++ 50 steps": teacher_rows[0], "teacher, DPM-Solver++ 1 step": teacher_rows[1],
+            "student, DMD 1 step (exported pipeline)": student_rows[0]}
+    summary = {"teacher": TEACHER, "recipe": RECIPE, "fast": fast, "rounds": cfg.train.steps, "batch_size": cfg.train.batch_size,
+               "seconds": times, "eval_samples": plan["eval_samples"], "reload_parity_max_abs": parity,
+               "reload": reload["stdout"], "results": {k: _row(v) for k, v in rows.items()},
+               "speedup_vs_teacher_50": _speedup(rows["teacher, DPM-Solver++ 50 steps"], rows["student, DMD 1 step (exported pipeline)"]),
+               "paths": {"run": str(out / "run"), "pipeline": str(out / "pipeline"), "eval": str(out / "eval"),
+                         "report": str(out / "report.md")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "report.md").write_text(_report(summary, rows, out))
+    _stage(f"done: report {out / 'report.md'}, pipeline {out / 'pipeline'}, run {out / 'run'}")
     return summary
 
 
-def _report(s: dict) -> str:
+def _row(r: dict) -> dict:
+    keys = ("fid", "kid", "precision", "recall", "accuracy", "vendi", "nfe", "latency_s", "throughput_img_s")
+    return {k: r.get(k) for k in keys} | {"grid": r.get("sample_grid")}
+
+
+def _speedup(teacher: dict, student: dict) -> float | None:
+    a, b = teacher.get("latency_s"), student.get("latency_s")
+    return round(a / b, 1) if a and b else None
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _report(s: dict, rows: dict, out: Path) -> str:
     lines = ["# stepdistill quickstart", "",
-             f"Recipe `{s['recipe']}`: DMD, one-step student, analytic 8-Gaussian ring teacher; "
-             f"{s['rounds']} rounds in {s['train_seconds']} s. Metrics on {s['eval_samples']} samples against exact "
-             "teacher samples: sliced 2-Wasserstein distance (lower is better), modes with at least 1% of samples "
-             "within 0.5 of them, the smallest and largest nearest-mode share (true: 0.125), and the fraction of "
-             "samples within 0.5 (about 6 std) of a mode.", "",
-             "| model | sliced W2 | modes covered | min share | max share | on-mode |", "|---|---|---|---|---|---|"]
-    for name, r in s["results"].items():
-        lines.append(f"| {name} | {r['sliced_wasserstein']} | {r['modes_covered']}/8 | {r['share_min']} | "
-                     f"{r['share_max']} | {r['on_mode_fraction']} |")
-    lines += ["", "| untrained one-step student | DMD one-step student |", "|---|---|",
-              "| ![untrained](untrained.png) | ![student](student.png) |", ""]
+             f"A one-step DMD student of the embedded `{s['teacher']}` teacher (recipe `{s['recipe']}`, {s['rounds']} rounds of "
+             f"batch {s['batch_size']}{', --fast' if s['fast'] else ''}), exported to a diffusers pipeline, reloaded with "
+             "`DiffusionPipeline.from_pretrained` in a fresh process (max abs difference to the trained student: "
+             f"{s['reload_parity_max_abs']:.2g}) and evaluated against its teacher on one protocol: {s['eval_samples']} samples "
+             "(seeds 0..N-1, balanced labels), FID and precision/recall in the digits classifier's features against all 1797 "
+             "scikit-learn digits, conditional accuracy by the same classifier, latency per image at batch 32 on this machine.",
+             "", "| model | NFE | FID | precision | recall | accuracy | latency ms/img |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lat = r.get("latency_s")
+        lines.append(f"| {name} | {_fmt(r.get('nfe'), '.0f')} | {_fmt(r.get('fid'))} | {_fmt(r.get('precision'))} | "
+                     f"{_fmt(r.get('recall'))} | {_fmt(r.get('accuracy'))} | {_fmt(lat * 1000 if lat else None, '.1f')} |")
+    lines += ["", f"Speed-up of the student over the teacher at 50 steps: {s['speedup_vs_teacher_50'] or '-'}x (latency).",
+              f"Time: training {s['seconds']['train_s']} s, export {s['seconds']['export_s']} s, evaluation "
+              f"{s['seconds']['eval_s']} s.", "", "| teacher, 50 steps | teacher, 1 step | student, 1 step |", "|---|---|---|"]
+    grids = [os.path.relpath(r["sample_grid"], out) if r.get("sample_grid") else "" for r in rows.values()]
+    lines.append("| " + " | ".join(f"![{n}]({g})" for n, g in zip(("teacher 50", "teacher 1", "student 1"), grids)) + " |")
+    lines += ["", "Load the student yourself:", "", "```python", "import torch", "from diffusers import DiffusionPipeline", "",
+              f"pipe = DiffusionPipeline.from_pretrained(\"{out / 'pipeline'}\", trust_remote_code=True)",
+              "images = pipe(class_labels=list(range(10)), num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images",
+              "```", ""]
     return "\n".join(lines)

@@ -1,14 +1,25 @@
+"""The quickstart end to end (--fast): train, export, reload in a clean process, evaluate, report."""
+
 import json
+import math
+from pathlib import Path
 
 from stepdistill.cli import main
 
 
-def test_quickstart_fast_writes_report_with_finite_numbers(tmp_path, capsys):
-    assert main(["quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+def test_quickstart_fast_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--fast", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reload_parity_max_abs"] < 1e-4 and "StepdistillClassConditionalPipeline" in summary["reload"]
     rows = summary["results"]
-    assert all(v == v and abs(v) < 1e9 for r in rows.values() for v in r.values())  # finite
-    assert rows["student, DMD (1 step)"]["sliced_wasserstein"] < rows["student, untrained (1 step)"]["sliced_wasserstein"]
-    report = (tmp_path / "qs" / "report.md").read_text()
-    assert "| student, DMD (1 step) |" in report and (tmp_path / "qs" / "student.png").is_file()
-    assert main(["quickstart", "--fast", "--out", str(tmp_path / "qs")]) == 2  # never overwrites a run
+    assert set(rows) == {"teacher, DPM-Solver++ 50 steps", "teacher, DPM-Solver++ 1 step", "student, DMD 1 step (exported pipeline)"}
+    for r in rows.values():
+        for key in ("fid", "precision", "recall", "accuracy", "nfe", "latency_s"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r)
+        assert Path(r["grid"]).is_file()
+    assert rows["student, DMD 1 step (exported pipeline)"]["nfe"] == 1 and rows["teacher, DPM-Solver++ 50 steps"]["nfe"] == 100
+    report = (out / "report.md").read_text()
+    assert "| student, DMD 1 step (exported pipeline) |" in report and "from_pretrained" in report
+    assert (out / "pipeline" / "model_index.json").is_file() and (out / "pipeline" / "README.md").is_file()
+    assert main(["quickstart", "--fast", "--out", str(out)]) == 2  # never overwrites a run
