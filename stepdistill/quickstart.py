@@ -29,7 +29,7 @@ from .contract import StepdistillError
 
 RECIPE = "digits-unet/dmd"
 TEACHER = "digits-unet"
-FULL = {"overrides": [], "eval_samples": 500}
+FULL = {"overrides": ["train.steps=200"], "eval_samples": 500}
 FAST = {"overrides": ["train.steps=6", "train.batch_size=8", "objective.critic_ratio=1", "train.sample_every=0",
                       "train.checkpoint_every=0"], "eval_samples": 60}
 
