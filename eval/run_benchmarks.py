@@ -55,7 +55,9 @@ def model_entries(proto: dict) -> list[dict]:
     """Teachers (with solvers and steps) and runs/exports as one list of {spec, solvers, steps}."""
     out = [{"spec": m["teacher"], "solvers": m.get("solvers"), "steps": m.get("steps", [1, 2, 4])} for m in proto.get("models", [])]
     out += [{"spec": r if isinstance(r, str) else r["path"], "solvers": None,
-             "steps": ([1] if isinstance(r, str) else r.get("steps", [1]))} for r in proto.get("runs") or []]
+             "steps": ([1] if isinstance(r, str) else r.get("steps", [1])),
+             "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False))}
+            for r in proto.get("runs") or []]
     return out
 
 
@@ -84,7 +86,7 @@ def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, co
             continue
         out = RESULTS / f"{name}__{slug(spec)}.json"
         records = []
-        for sampler in samplers_for(spec, entry["steps"], entry["solvers"]):
+        for sampler in samplers_for(spec, entry["steps"], entry["solvers"], trust_remote_code=entry.get("trust_remote_code", False)):
             start = time.time()
             record = evaluator.evaluate(sampler, RESULTS / "grids" / f"{name}__{slug(sampler.label)}.png")
             record["sample_grid"] = str(Path(record["sample_grid"]).relative_to(ROOT / "eval"))
@@ -127,6 +129,28 @@ def write_results_table() -> None:
         lines.append("")
     (ROOT / "eval" / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'eval' / 'RESULTS.md'}")
+    update_readme(by_protocol)
+
+
+def readme_block(by_protocol: dict[str, list[dict]]) -> str:
+    """The README's results section: each protocol's table, as in RESULTS.md."""
+    lines = ["Generated from `eval/RESULTS.md` by `python eval/run_benchmarks.py --table-only`; protocol and plots there.", ""]
+    for name, records in sorted(by_protocol.items()):
+        lines += [f"Protocol `{name}`:", "", *table(records), ""]
+    return "\n".join(lines)
+
+
+def update_readme(by_protocol: dict[str, list[dict]]) -> None:
+    """Replace the text between the README's results markers with ``readme_block``."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{readme_block(by_protocol)}\n{end}{tail}")
+    print(f"updated the results section of {readme}")
 
 
 def main() -> int:

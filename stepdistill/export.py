@@ -78,15 +78,16 @@ def merged_student(model: nn.Module, adapter: str | None) -> nn.Module:
     return plain
 
 
-def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str) -> dict[int, list[float]]:
-    """Continuous times per exported step count."""
+def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, last: int | None = None) -> dict[int, list[float]]:
+    """Continuous times per exported step count (``last``: VP teachers' top timestep, times snap to its grid)."""
     out = {}
     for n in steps:
         if n == len(run_times):
             out[n] = [float(t) for t in run_times]
         elif any(objective == c or f"'{c}'" in objective for c in CONSISTENCY_OBJECTIVES):
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
-            out[n] = [top * (n - k) / n for k in range(n)]
+            ts = [top * (n - k) / n for k in range(n)]
+            out[n] = [round(t * last) / last for t in ts] if last else ts
         else:
             raise StepdistillError(f"--steps {n}: this {objective} student was trained for {len(run_times)} step(s) at "
                                    f"times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
@@ -147,9 +148,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     teacher = trainer.teacher
     run_times = trainer.nets.student_times
     objective = str(getattr(cfg.objective, "registry_name", type(cfg.objective).__name__)).lower()
-    times = _times_for(steps or [len(run_times)], run_times, objective)
+    schedule = teacher.denoiser.schedule
+    last = schedule.num_train_timesteps - 1 if getattr(schedule, "kind", "") == "vp" else None
+    times = _times_for(steps or [len(run_times)], run_times, objective, last)
     family = teacher.denoiser.family
-    model = _student_model(trainer, use_ema).to(DTYPES[dtype])
+    model = _student_model(trainer, use_ema)
+    if dtype != "fp32":
+        model = model.to(DTYPES[dtype])
     sched_cfg = json.loads((teacher.folder / "scheduler" / "scheduler_config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": cfg.teacher.name, "objective": objective, "family": family, "student_times": {str(k): v for k, v in times.items()},
