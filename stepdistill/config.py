@@ -21,11 +21,20 @@ import yaml
 from .contract import StepdistillError
 
 
+def check_choice(name: str, value, choices) -> None:
+    """One-line error when a setting is not one of ``choices``."""
+    if value not in choices:
+        raise StepdistillError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
 @dataclass
 class TeacherConfig:
     name: str = "analytic:ring8"  # embedded teacher name, analytic preset, or a diffusers folder path
     dtype: str = "fp32"  # teacher weights: fp32 | bf16 | fp16 (frozen; reduced precision saves memory)
     offload: bool = False  # keep the frozen teacher in CPU memory, moved to the GPU layer by layer per call (accelerate cpu_offload; slow, saves its weights' memory; full-copy students only)
+
+    def __post_init__(self):
+        check_choice("teacher.dtype", self.dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -44,6 +53,10 @@ class NetworkConfig:
     mlp_depth: int = 3  # init=fit: hidden layers
     fit_steps: int = 1500  # init=fit: steps of the denoising fit to the teacher
     fit_lr: float = 2e-3  # init=fit: learning rate of the fit
+
+    def __post_init__(self):
+        check_choice("init", self.init, ("copy", "lora", "fit"))
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
 
 
 @dataclass
@@ -75,6 +88,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations of the trained diffusers networks in backward (less memory, ~30% slower)
     distributed: str = "ddp"  # ddp (replicate) | fsdp (shard the trained full networks; FSDP2 via accelerate; not with LoRA)
     attention: str = "auto"  # auto (xformers when installed and on a GPU, else torch SDPA) | sdpa | xformers
+
+    def __post_init__(self):
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("train.attention", self.attention, ("auto", "sdpa", "xformers"))
+        check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -127,7 +145,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return str(value)
         if origin in (list, tuple):
-            items = value if isinstance(value, (list, tuple)) else yaml.safe_load(str(value))
+            items = value if isinstance(value, (list, tuple)) else _yaml_value(str(value), path)
             items = items if isinstance(items, (list, tuple)) else [items]
             args = typing.get_args(tp)
             if origin is tuple and len(args) > 1 and args[1] is not Ellipsis and len(items) != len(args):
@@ -156,7 +174,13 @@ def _build(cls, data: dict, path: str):
             kwargs[key] = build_objective_config(value or {})
         else:
             kwargs[key] = _coerce(full, value, tp)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except StepdistillError as e:  # a field check in __post_init__: name the section
+        msg = str(e)
+        if path and cls in (NetworkConfig, StudentConfig) and msg.split(" ", 1)[0] in ("init", "lr_schedule"):
+            msg = f"{path}.{msg}"
+        raise StepdistillError(msg) from None
 
 
 def build_objective_config(data: dict, path: str = "objective"):
@@ -212,8 +236,17 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise StepdistillError(f"override {item!r} conflicts with another override")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = _yaml_value(raw, item) if raw else ""
     return out
+
+
+def _yaml_value(raw: str, where: str):
+    """A YAML scalar/list from the command line, or a one-line error naming the override."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise StepdistillError(f"override {where!r}: cannot read the value as YAML ({problem})") from None
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -232,6 +265,9 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise StepdistillError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise StepdistillError(f"recipe {str(path)!r} must be a mapping of sections (teacher:, student:, ...), "
+                                   f"got {type(data).__name__}")
     over = parse_overrides(overrides or [])
     new_name = over.get("objective", {}).get("name") if isinstance(over.get("objective"), dict) else None
     if new_name and isinstance(data.get("objective"), dict) and data["objective"].get("name") != new_name:

@@ -71,3 +71,31 @@ class HeadObjective:
             x = x.detach()
         score = nets.extra["head"](x.reshape(batch.size, -1).float())
         return LossOut(torch.nn.functional.softplus(score if phase == "head" else -score).mean())
+
+
+@dataclass
+class EnvKillObjective:
+    """A student-only objective that SIGKILLs its process at update ``$STEPDISTILL_TEST_KILL_AT`` (if set).
+
+    The kill point lives outside the config, so a killed run and an uninterrupted one share
+    their config and can be compared loss for loss.
+    """
+
+    trains: tuple = field(default=("student",), init=False)
+    phases: dict = field(default_factory=lambda: {"student": 1}, init=False)
+
+    def phase_updates(self, phase):
+        return (phase,)
+
+    def __post_init__(self):
+        self._calls = 0
+
+    def loss(self, phase, nets, batch, rng):
+        import os
+        import signal
+
+        self._calls += 1
+        if str(self._calls) == os.environ.get("STEPDISTILL_TEST_KILL_AT"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        x = nets.student(batch.noise(rng), batch.uniform(rng, 0.5, 1.0), batch.cond)
+        return LossOut(((x - 1) ** 2).mean())

@@ -168,21 +168,38 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, unet_t
         Trainer(other, tmp_path / "c", resume=True, progress=False)
 
 
-def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path):
+def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path):
     import os
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
-    run = tmp_path / "killed"
-    over = FAST + ["student.init=fit", "objective.name=nan_objective.SignalObjective", "objective.at=8",
-                   "objective.signal_name=SIGKILL", "train.steps=10", "train.checkpoint_every=3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", "toy2d/dmd", "--output-dir", str(run), "--no-progress", *over],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert latest_checkpoint(run).name == "step_0000006"  # killed in round 8: rounds 7-8 are lost, nothing else
-    resumed = Trainer(load_config("toy2d/dmd", over), run, resume=True, progress=False)
-    assert resumed.step == 6
-    assert resumed.run()["steps"] == 10
+    over = FAST + ["student.init=fit", "objective.name=nan_objective.EnvKillObjective", "train.steps=10",
+                   "train.checkpoint_every=3", "student.lr=1e-2"]
+
+    def cli(run, kill_at=None):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+        env.pop("STEPDISTILL_TEST_KILL_AT", None)
+        if kill_at:
+            env["STEPDISTILL_TEST_KILL_AT"] = str(kill_at)
+        return subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", "toy2d/dmd", "--output-dir", str(run),
+                               "--no-progress", *over], env=env, capture_output=True, text=True, timeout=300)
+
+    def losses(run):
+        by_step = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():  # a re-run round overwrites its first record
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec["student/loss"]
+        return by_step
+
+    full = cli(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = cli(tmp_path / "killed", kill_at=8)  # dies in round 8, after the round-6 checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "killed").name == "step_0000006"
+    resumed = Trainer(load_config("toy2d/dmd", over), tmp_path / "killed", resume=True, progress=False)
+    assert resumed.step == 6 and resumed.run()["steps"] == 10
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert all(a[k] == b[k] for k in a), {k: (a[k], b[k]) for k in a if a[k] != b[k]}

@@ -1,0 +1,55 @@
+"""Property-based: malformed recipes and overrides end in a clear error or a valid config, never a traceback."""
+
+from __future__ import annotations
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stepdistill.cli import main
+from stepdistill.config import RunConfig, load_config
+from stepdistill.contract import StepdistillError
+
+SECTIONS = ["teacher", "student", "fake_score", "discriminator", "objective", "data", "train", "nonsense"]
+KEYS = ["name", "init", "lr", "times", "steps", "batch_size", "guidance_scale", "critic_ratio", "dtype", "mixed_precision",
+        "lora_rank", "betas", "conditions", "real", "t_min", "seed", "parts", "weight", "lr_schedule", "bogus_key"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=12), st.sampled_from(["dmd", "lcm", "scm", "compose", "digits-unet", "analytic:ring8",
+                                                             "lora", "copy", "fit", "bf16", "[1.0, 0.5]", "{a: 1}", "1e-4"]))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)), max_leaves=6)
+override = st.one_of(
+    st.builds(lambda s, k, v: f"{s}.{k}={v}", st.sampled_from(SECTIONS), st.sampled_from(KEYS),
+              st.one_of(st.text(max_size=10), st.integers().map(str), st.floats().map(str), st.just("[1, 2]"))),
+    st.text(max_size=15),  # anything at all, e.g. no "=" or no section
+)
+recipe = st.one_of(st.dictionaries(st.sampled_from(SECTIONS), values, max_size=5), values)
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(recipe=recipe, overrides=st.lists(override, max_size=3))
+def test_config_loader_never_tracebacks(tmp_path, recipe, overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    try:
+        cfg = load_config(str(path), overrides)
+    except StepdistillError as e:
+        assert str(e) and "\n" not in str(e).strip(), "errors are one line"
+        return
+    assert isinstance(cfg, RunConfig)
+
+
+@FUZZ
+@given(recipe=recipe, overrides=st.lists(override, max_size=3))
+def test_cli_answers_with_an_exit_code(tmp_path, capsys, recipe, overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"name": "digits-unet"}} | (recipe if isinstance(recipe, dict) else {})))
+    try:
+        code = main(["plan", str(path), *[o for o in overrides if "=" in o and not o.startswith("-")]])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code in (0, 1, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
