@@ -6,30 +6,14 @@ process CPU time on one thread. Also reported: sliced 2-Wasserstein distance to 
 samples before and after (the untrained one-step student collapses to the ring's centre).
 """
 
-import time
-
 import pytest
-import torch
 
-from stepdistill.config import load_config
-from stepdistill.metrics.toy import mode_shares, sliced_wasserstein
-from stepdistill.trainer import Trainer
+from conftest import train_on_ring
 
 
 @pytest.mark.parametrize("recipe", ["toy2d/lcm", "toy2d/scm"])
 def test_one_step_student_covers_every_mode(tmp_path, recipe):
-    torch.set_num_threads(1)
-    cfg = load_config(recipe, ["train.sample_every=0", "train.checkpoint_every=0", "train.log_every=100000"])
-    trainer = Trainer(cfg, tmp_path / recipe.replace("/", "_"), progress=False)
-    gm = trainer.teacher.denoiser
-    reference = gm.sample(4000, torch.Generator().manual_seed(7))
-    before = sliced_wasserstein(trainer.generate(4000, seed=3), reference)
-    start = time.process_time()
-    trainer.run()
-    cpu_seconds = time.process_time() - start
-    x = trainer.generate(4000, seed=3)
-    after = sliced_wasserstein(x, reference)
-    shares = mode_shares(x, gm.means)  # [8]
+    before, after, shares, _, cpu_seconds = train_on_ring(recipe, tmp_path / recipe.replace("/", "_"))
     print(f"{recipe}: SW {before:.3f} -> {after:.3f}; shares {[round(v, 3) for v in shares.tolist()]}; CPU {cpu_seconds:.1f}s")
     assert bool((shares >= 0.01).all()), f"a mode below 1%: {shares.tolist()}"
     assert after < 0.6 * before, f"SW {before:.3f} -> {after:.3f}"
