@@ -161,6 +161,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
             "steps": sorted(times), "guidance_scale": 1.0, "ema": bool(use_ema and trainer.ema is not None),
             "rounds": trainer.step, "batch_size": cfg.train.batch_size, "dtype": dtype,
             "num_classes": teacher.num_classes, "teacher_guidance_scale": getattr(cfg.objective, "guidance_scale", None)}
+    if family == "unet2d_condition" and model.config.get("addition_embed_type"):
+        raise StepdistillError(f"export of SDXL-style students (addition_embed_type={model.config['addition_embed_type']!r}) "
+                               "is not supported yet; only StableDiffusionPipeline-style UNets")
     if family == "unet2d_condition":
         meta |= _export_sd(trainer, model, sched_cfg, times, out, lora, dtype)
     elif family in ("unet2d", "dit"):
