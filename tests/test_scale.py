@@ -96,7 +96,7 @@ def test_teacher_offload_rules(tmp_path, unet_teacher_dir):
 def test_fsdp_rules(tmp_path, unet_teacher_dir, capsys):
     with pytest.raises(StepdistillError, match="full-copy"):
         _grads(tmp_path, unet_teacher_dir, "e", "train.distributed=fsdp", "student.init=lora")
-    with pytest.raises(StepdistillError, match="ddp or fsdp"):
+    with pytest.raises(StepdistillError, match="must be one of ddp, fsdp"):
         _grads(tmp_path, unet_teacher_dir, "f", "train.distributed=deepspeed")
     grads, _ = _grads(tmp_path, unet_teacher_dir, "g", "train.distributed=fsdp")  # CPU: accelerate cannot shard
     assert grads and "training unsharded" in capsys.readouterr().out
