@@ -105,9 +105,14 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
 
 def default_lora_targets(model: nn.Module) -> list[str]:
     """LORA_TARGETS present in the model, else every Linear layer (e.g. the toy MLP)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # layers already wrapped by another adapter (student + fake score on one base) count as their base layer
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, BaseTunerLayer))]
     found = sorted({t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)})
-    return found or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    inner = (".base_layer", ".lora_A.", ".lora_B.")  # peft's own submodules are never targets
+    return found or [n for n, m in model.named_modules()
+                     if isinstance(m, (nn.Linear, BaseTunerLayer)) and not any(s in n + "." for s in inner)]
 
 
 def add_lora(model: nn.Module, name: str, rank: int, alpha: float, targets: Sequence[str] | None = None) -> list[nn.Parameter]:

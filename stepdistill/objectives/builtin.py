@@ -5,3 +5,6 @@ from . import lcm  # noqa: F401
 from . import scm  # noqa: F401
 from . import ladd  # noqa: F401
 from . import compose  # noqa: F401
+from . import dmd2  # noqa: F401
+from . import vsd  # noqa: F401
+from . import sid  # noqa: F401

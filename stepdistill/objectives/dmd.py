@@ -5,7 +5,7 @@ arXiv:2311.18828 (and the normaliser kept by DMD2, arXiv:2405.14867, Sec. 3 / Eq
 
 Student phase (mode A, stop-grad direction), all in x0 space:
 
-    x = G(z)                                       one- or K-step student, grad on the last step
+    x = G(z)                                       one- or K-step student: a random step k's x0, grad on it only
     x_t = alpha_t x + sigma_t eps,   t ~ U[t_min, t_max]                      (DMD Sec. 3.2)
     x_real = T_w(x_t, t, c),  x_fake = F(x_t, t, c)                (no graph; w = teacher CFG)
     g = (x_fake - x_real) / mean_{C,H,W} |x - x_real|              (Eq. 8's normaliser, DMD2)
@@ -29,6 +29,7 @@ from ..contract import StepdistillError, add_noise, expand_like
 from ..sampling import ddim_sample, few_step_sample
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
 from .base import Batch, LossOut, Nets
+from .score_common import student_sample
 from .registry import register
 
 
@@ -85,8 +86,8 @@ class DMD:
         raise ValueError(f"DMD has no phase {phase!r}")
 
     def fake_score_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        with torch.no_grad():
-            x = few_step_sample(nets.student, batch.noise(rng), batch.cond, nets.student_times, rng)  # [B, ...]
+        with torch.no_grad():  # K-step students: the output of a random step k (backward simulation, DMD2 Sec. 4.5)
+            x, _ = student_sample(nets, batch, rng, grad=False)  # [B, ...]
         t = batch.uniform(rng, self.critic_t_min, self.critic_t_max)  # [B]
         x_t = add_noise(nets.fake_score.schedule, x, batch.noise(rng), t)
         x_fake = nets.fake_score(x_t, t, batch.cond)  # [B, ...]
@@ -95,8 +96,16 @@ class DMD:
         return LossOut(loss, {"fake_x0_mse": _per_sample_mean((x_fake.detach() - x) ** 2).mean().item()})
 
     def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        z = batch.noise(rng)
-        x = few_step_sample(nets.student, z, batch.cond, nets.student_times, rng, grad=True)  # [B, ...]
+        x, _ = student_sample(nets, batch, rng, grad=True)  # [B, ...], graph through step k only
+        loss, logs = self.dm_loss(nets, batch, rng, x)
+        if self.regression_weight > 0:
+            reg = self.regression_loss(nets, batch, rng)
+            loss = loss + self.regression_weight * reg
+            logs["regression_loss"] = reg.item()
+        return LossOut(loss, logs)
+
+    def dm_loss(self, nets: Nets, batch: Batch, rng: torch.Generator, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The distribution-matching surrogate and its logs for student samples x [B, ...] (with graph)."""
         t = batch.uniform(rng, self.t_min, self.t_max)
         with torch.no_grad():
             x_t = add_noise(nets.teacher.schedule, x.detach(), batch.noise(rng), t)
@@ -107,11 +116,7 @@ class DMD:
         loss = 0.5 * torch.nn.functional.mse_loss(x.float(), (x.detach().float() - g))  # surrogate, grad g/N
         logs = {"dm_loss": loss.item(), "dm_grad_norm": g.reshape(len(g), -1).norm(dim=1).mean().item()}
         logs |= _stats("x_real", x_real) | _stats("x_fake", x_fake) | _stats("x_student", x.detach())
-        if self.regression_weight > 0:
-            reg = self.regression_loss(nets, batch, rng)
-            loss = loss + self.regression_weight * reg
-            logs["regression_loss"] = reg.item()
-        return LossOut(loss, logs)
+        return loss, logs
 
     def regression_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> torch.Tensor:
         """MSE between G(z_i) and the teacher's ODE sample y_i for a random subset of fixed pairs."""
