@@ -72,7 +72,8 @@ def _reload_in_clean_process(export_dir: Path, out: Path) -> dict:
 
     target = out / "reload_check.safetensors"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(export_dir), str(target)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(export_dir.resolve()), str(target.resolve())],
+                          capture_output=True, text=True,
                           env=env, cwd=out, timeout=600)
     if proc.returncode != 0:
         raise StepdistillError(f"reloading {export_dir} in a clean process failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -86,7 +87,7 @@ def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
     from .export import export_run
     from .trainer import Trainer
 
-    out = Path(out)
+    out = Path(out).resolve()  # the clean-process reload runs elsewhere; relative paths would point nowhere
     if out.exists() and any(out.iterdir()):
         raise StepdistillError(f"{out} already holds files; choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)

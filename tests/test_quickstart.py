@@ -7,9 +7,10 @@ from pathlib import Path
 from stepdistill.cli import main
 
 
-def test_quickstart_fast_end_to_end(tmp_path):
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--fast", "--out", str(out), "--no-progress"]) == 0
+def test_quickstart_fast_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the README's first command uses
+    out = Path("qs")
+    assert main(["quickstart", "--fast", "--out", "qs", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reload_parity_max_abs"] < 1e-4 and "StepdistillClassConditionalPipeline" in summary["reload"]
     rows = summary["results"]
@@ -22,4 +23,5 @@ def test_quickstart_fast_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| student, DMD 1 step (exported pipeline) |" in report and "from_pretrained" in report
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "pipeline" / "README.md").is_file()
+    assert str((tmp_path / "qs" / "pipeline").resolve()) in report  # the usage snippet names a path that works from anywhere
     assert main(["quickstart", "--fast", "--out", str(out)]) == 2  # never overwrites a run
