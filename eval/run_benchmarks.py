@@ -123,7 +123,12 @@ def write_results_table() -> None:
                   "Protocol (every record in the JSON carries it in full):", "", *protocol_lines(records[0]["protocol"]),
                   "- NFE: network evaluations per image, counted by a forward hook; each guided step counts 2",
                   "- latency / img/s / peak memory: CPU, measured while other jobs shared the machine: compare within a row "
-                  "set, not across machines", f"- command: {'; '.join(sorted(commands[name]))}"]
+                  "set, not across machines",
+                  "- speed-up vs T50: the teacher's 50-step batch-1 latency (DPM-Solver++, or Euler for flow) over the row's, "
+                  "both from this protocol's runs",
+                  "- train min: wall-clock training time from the run's metrics.jsonl (2 CPU cores; each training run used "
+                  "1 torch thread while another run used the other core); '-' where the run predates this record",
+                  f"- command: {'; '.join(sorted(commands[name]))}"]
         if missing:
             lines.append(f"- not present when the results were made (skipped): {', '.join(missing)}")
         lines.append("")

@@ -173,6 +173,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     else:
         raise StepdistillError(f"export of {family} students is not supported yet (supported: UNet2DConditionModel, "
                                "class-conditional UNet2DModel and DiTTransformer2DModel)")
+    from .trainer import training_summary
+
+    meta["training"] = training_summary(run_dir)
     meta["eval"] = _eval_numbers(run_dir)
     (out / "stepdistill_export.json").write_text(json.dumps(meta, indent=1) + "\n")
     (out / "README.md").write_text(model_card(meta, out))

@@ -570,6 +570,28 @@ class _ema_weights:
         return False
 
 
+def training_summary(run_dir: str | Path) -> dict | None:
+    """Rounds and wall-clock seconds of a run, from its ``metrics.jsonl`` (resumed segments summed).
+
+    Each process start logs ``elapsed_s`` from zero, so a drop marks a resume; the last value of
+    every segment is added. ``None`` when the run logged nothing.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds, last, rounds = 0.0, 0.0, 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        elapsed = float(rec.get("elapsed_s", 0.0))
+        if elapsed < last:
+            seconds += last
+        last, rounds = elapsed, int(rec.get("step", rounds))
+    return {"rounds": rounds, "seconds": round(seconds + last, 1)}
+
+
 def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Build everything from a config and train; returns a summary dict."""
     return Trainer(cfg, Path(output_dir), resume=resume, progress=progress).run()

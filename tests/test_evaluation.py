@@ -329,3 +329,98 @@ def test_latent_text_teacher_with_prompts_and_vae(tmp_path):
     a = generate_samples(sampler, conds, 4, 0, batch_size=3)
     assert a.shape == (4, 3, 4, 4) and bool(torch.isfinite(a).all())
     assert torch.allclose(a, generate_samples(sampler, conds, 4, 0, batch_size=4), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ Inception path
+
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
+    """A randomly initialised torch-fidelity Inception-v3 weights file written here (nothing downloaded)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tfi.torch, "load", lambda *a, **k: {})  # build the network without any weights file
+    mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    try:
+        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    finally:
+        mp.undo()
+    for m in net.modules():  # variance-preserving init, so features do not vanish through ~90 layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def test_inception_features_from_a_local_file(random_inception_file, digits):
+    from stepdistill.evaluation.features import InceptionFeatures
+
+    images, _ = digits
+    net = InceptionFeatures(random_inception_file)
+    feats = extract(net, quantize(images[:24]))
+    assert feats.shape == (24, 2048) and torch.isfinite(feats).all() and feats.std(0).max() > 0
+    assert net.protocol["feature_sha256"] == net.sha256 and "299x299" in net.protocol["resize"]
+    self_fid = abs(metrics.fid(feats, feats))  # 24 samples in 2048-d: rank-deficient, so sqrtm round-off ~1e-5
+    assert self_fid < 1e-3
+    noisy = extract(net, quantize(images[:24] + 0.8 * torch.randn(images[:24].shape, generator=torch.Generator().manual_seed(1))))
+    assert metrics.fid(feats, noisy) > 1000 * max(self_fid, 1e-6)
+    tf = InceptionFeatures(random_inception_file, antialias=False)  # the TF1-compatible resize differs
+    assert not torch.equal(extract(tf, quantize(images[:4])), feats[:4])
+
+
+def test_inception_file_is_never_unpickled(tmp_path):
+    from stepdistill.evaluation.features import InceptionFeatures
+
+    bad = tmp_path / "not-weights.pth"
+    torch.save({"payload": StepdistillError("an arbitrary object")}, bad)
+    with pytest.raises(StepdistillError, match="refusing to unpickle"):
+        InceptionFeatures(bad)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(StepdistillError, match="does not fit"):
+        InceptionFeatures(wrong)
+    with pytest.raises(StepdistillError, match="is not a file"):
+        InceptionFeatures(tmp_path / "missing.pth")
+
+
+def test_eval_cli_with_inception_weights(random_inception_file, unet_teacher_dir, digits, tmp_path):
+    from PIL import Image
+
+    from stepdistill.cli import main
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, img in enumerate(quantize(digits[0][:16])):
+        Image.fromarray(img[0].numpy()).save(ref / f"{i:02d}.png")
+    out = tmp_path / "out"
+    rc = main(["eval", str(unet_teacher_dir), "--steps", "1", "--solvers", "ddim", "--num-samples", "12",
+               "--batch-size", "12", "--cost-batch-size", "4", "--reference", str(ref), "--inception-weights",
+               str(random_inception_file), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert rc == 0
+    (record,) = json.loads((out / "results.json").read_text())
+    assert "Inception-v3" in record["protocol"]["feature_network"] and math.isfinite(record["fid"])
+    assert record["protocol"]["reference"] == str(ref) and record["protocol"]["reference_count"] == 16
+
+
+def test_speedup_and_training_time_columns(tmp_path):
+    from stepdistill.evaluation.report import add_speedups, table
+    from stepdistill.trainer import training_summary
+
+    recs = [{"label": "T ddim 50", "kind": "teacher", "model": "t", "teacher": "t", "solver": "ddim", "steps": 50, "latency_s": 2.0},
+            {"label": "T dpm 50", "kind": "teacher", "model": "t", "teacher": "t", "solver": "dpm++", "steps": 50, "latency_s": 1.0},
+            {"label": "S 1", "kind": "student", "model": "runs/s", "info": {"teacher": "t"}, "steps": 1, "latency_s": 0.025,
+             "train_seconds": 90.0},
+            {"label": "P 1", "kind": "pipeline", "model": "p", "teacher": "other", "steps": 1, "latency_s": 0.01}]
+    add_speedups(recs)
+    assert recs[2]["speedup_vs_teacher_50"] == pytest.approx(40.0)  # against DPM-Solver++, the best 50-step solver
+    assert "speedup_vs_teacher_50" not in recs[3] and "speedup_vs_teacher_50" not in recs[0]
+    rows = table(recs)
+    assert "speed-up vs T50" in rows[0] and "train min" in rows[0] and "| 40.0x | 1.5 |" in rows[4]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(
+        ['{"step": 25, "elapsed_s": 10.0}', '{"step": 50, "elapsed_s": 20.5}',  # killed here, resumed:
+         '{"step": 75, "elapsed_s": 9.5}', '{"step": 100, "elaps']))  # last line cut by a kill
+    assert training_summary(tmp_path) == {"rounds": 75, "seconds": 30.0}
+    assert training_summary(tmp_path / "nowhere") is None

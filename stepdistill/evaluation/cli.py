@@ -98,7 +98,7 @@ def evaluate_models(models: list[str], out: Path, settings, steps: list[int], so
             record["eval_seconds"] = round(time.time() - start, 1)
             records.append(record)
             log(f"{sampler.label}: FID {record['fid']:.3f}  P {record['precision']:.3f}  R {record['recall']:.3f}  "
-                f"acc {record['accuracy'] if record['accuracy'] is not None else '-'}  NFE {record['nfe']}  "
+                f"acc {'-' if record['accuracy'] is None else format(record['accuracy'], '.3f')}  NFE {record['nfe']:g}  "
                 f"({record['eval_seconds']} s)")
     write_report(records, out)
     return records

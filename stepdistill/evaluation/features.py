@@ -99,12 +99,23 @@ class InceptionFeatures(nn.Module):
             raise StepdistillError(f"--inception-weights {str(path)!r} is not a file (expected the torch-fidelity "
                                    "weights-inception-2015-12-05-6726825d.pth)")
         try:
+            import torch_fidelity.feature_extractor_inceptionv3 as tfi
             from torchmetrics.image.fid import NoTrainInceptionV3
-
+        except ModuleNotFoundError:
+            raise StepdistillError("Inception features need torch-fidelity: pip install 'stepdistill[inception]'") from None
+        state = inception_state_dict(path)
+        # torch-fidelity reads the file itself with torch.load(weights_only=False), which would unpickle
+        # arbitrary objects; hand it the state dict we read safely instead (only for this constructor call).
+        unsafe_load = tfi.torch.load
+        tfi.torch.load = lambda *_a, **_k: state
+        try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=str(path), antialias=antialias)
-        except ModuleNotFoundError:
-            raise StepdistillError("Inception features need torch-fidelity: pip install torch-fidelity") from None
+        except RuntimeError as e:
+            raise StepdistillError(f"--inception-weights {str(path)!r} does not fit torch-fidelity's Inception-v3: "
+                                   f"{str(e).splitlines()[0]}") from None
+        finally:
+            tfi.torch.load = unsafe_load
         self.num_features = 2048
         self.sha256 = file_sha256(str(path))
         resize = "torch bilinear antialias" if antialias else "TF1-compatible bilinear (torch-fidelity)"
@@ -116,6 +127,24 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = images if images.shape[1] == 3 else images[:, :1].expand(-1, 3, -1, -1)  # [N, 3, H, W] uint8
         return self.net(x.contiguous())  # [N, 2048]
+
+
+def inception_state_dict(path: Path) -> dict:
+    """Inception weights from ``.safetensors`` or a ``.pth`` read with the weights-only unpickler."""
+    import pickle
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise StepdistillError(f"--inception-weights {str(path)!r} is not a plain weights file (refusing to unpickle "
+                               f"anything else): {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise StepdistillError(f"--inception-weights {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 class Precomputed(nn.Module):

@@ -143,6 +143,8 @@ class Evaluator:
             save_samples(images[order], Path(grid_path), nrow=8)
             record["sample_grid"] = str(grid_path)
         record["info"] = sampler.info
+        record["teacher"] = sampler.info.get("teacher")
+        record["train_seconds"] = (sampler.info.get("training") or {}).get("seconds")
         record["protocol"] = self.protocol()
         record["settings"] = asdict(s)
         return record

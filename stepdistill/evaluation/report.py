@@ -12,7 +12,9 @@ COLUMNS = [  # (header, key, format)
     ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"),
     ("Vendi", "vendi", "{:.2f}"), ("CLIP cos", "clip_cosine", "{:.4f}"),
     ("latency ms", "latency_s", "ms"), ("img/s", "throughput_img_s", "{:.1f}"), ("peak MiB", "peak_memory_bytes", "mib"),
+    ("speed-up vs T50", "speedup_vs_teacher_50", "x"), ("train min", "train_seconds", "min"),
 ]
+TEACHER_50_SOLVERS = ["dpm++", "flow-euler", "unipc", "ddim"]  # the teacher's 50-step reference, best solver first
 PROTOCOL_KEYS = ["reference", "reference_count", "num_samples", "seeds", "conditions", "feature_network", "feature_sha256",
                  "resize", "color", "quantization", "precision_recall_k", "kid_subset_size", "clip_model", "device",
                  "python", "versions"]
@@ -31,11 +33,37 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return f"{value * 1000:.1f}"
     if fmt == "mib":
         return f"{value / 2**20:.0f}"
+    if fmt == "x":
+        return f"{value:.1f}x"
+    if fmt == "min":
+        return f"{value / 60:.1f}"
     return fmt.format(value)
+
+
+def _teacher_of(record: dict) -> str | None:
+    return record.get("teacher") or (record.get("info") or {}).get("teacher")
+
+
+def add_speedups(records: list[dict]) -> None:
+    """``speedup_vs_teacher_50`` on every non-teacher record whose teacher's 50-step row is among ``records``.
+
+    The ratio of batch-1 latencies (pipeline or sampler call to images) of the teacher at 50 steps
+    with its best solver (DPM-Solver++ for VP teachers, Euler for flow) to the record's own.
+    """
+    teacher_50 = {}
+    for solver in reversed(TEACHER_50_SOLVERS):
+        for r in records:
+            if r.get("kind") == "teacher" and r.get("steps") == 50 and r.get("solver") == solver and r.get("latency_s"):
+                teacher_50[_teacher_of(r) or r["model"]] = r["latency_s"]
+    for r in records:
+        ref = teacher_50.get(_teacher_of(r))
+        if r.get("kind") != "teacher" and ref and r.get("latency_s"):
+            r["speedup_vs_teacher_50"] = ref / r["latency_s"]
 
 
 def table(records: list[dict]) -> list[str]:
     """Markdown table rows; columns with no value in any record are left out."""
+    add_speedups(records)
     cols = [c for c in COLUMNS if c[1] == "label" or any(r.get(c[1]) is not None for r in records)]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
@@ -62,7 +90,10 @@ def write_report(records: list[dict], out: Path, title: str = "stepdistill eval"
         lines += ["## Protocol", "", *protocol_lines(records[0]["protocol"]),
                   "- NFE: denoiser-network evaluations per image, counted by a forward hook; a guided step counts 2 "
                   "(conditional and unconditional rows), batched or not", "- latency: one image (batch 1); "
-                  "img/s at the cost batch size; peak memory as recorded per row (`memory_kind` in results.json)", ""]
+                  "img/s at the cost batch size; peak memory as recorded per row (`memory_kind` in results.json)",
+                  "- speed-up vs T50: the teacher's 50-step latency (DPM-Solver++, or Euler for flow teachers) over the "
+                  "row's, both measured in this run (only when that teacher row is part of it)",
+                  "- train min: wall-clock training time of a run directory or exported run (from its metrics.jsonl)", ""]
         lines += ["## Samples", ""] + [f"**{r['label']}**\n\n![{slug(r['label'])}]({Path(r['sample_grid']).relative_to(out)})\n"
                                        for r in records if r.get("sample_grid")]
     (out / "report.md").write_text("\n".join(lines) + "\n")

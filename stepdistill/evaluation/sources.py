@@ -170,7 +170,7 @@ def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | No
         return _finish(teacher, x)
 
     info = {"scheduler": type(sched).__name__, "timesteps": [round(float(v), 3) for v in sched.timesteps],
-            "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder)}
+            "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder), "teacher": teacher.name}
     return ModelSampler(model or teacher.name, "teacher", solver, steps, w, generate, [_inner(denoiser)],
                         teacher.num_classes, teacher_prompts(teacher), info)
 
@@ -207,7 +207,7 @@ def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True):
     from ..config import load_config
     from ..networks import Net
     from ..teachers import load_teacher
-    from ..trainer import build_networks
+    from ..trainer import build_networks, training_summary
 
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)
@@ -238,7 +238,7 @@ def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True):
     student.module.to(device).eval().requires_grad_(False)
     view = Net(student.module, teacher.denoiser.schedule, adapter=student.adapter)
     info = {"checkpoint": str(ckpt), "step": state.get("step"), "ema": ema_used, "objective": state.get("objective", {}),
-            "student_init": cfg.student.init, "teacher": cfg.teacher.name}
+            "student_init": cfg.student.init, "teacher": cfg.teacher.name, "training": training_summary(run_dir)}
     return teacher, view, [float(t) for t in cfg.student.times], info
 
 
@@ -357,6 +357,6 @@ def pipeline_sampler(folder: str | Path, steps: int, guidance_scale: float | Non
 
     networks = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None)) if isinstance(m, nn.Module)]
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
-            "folder": str(folder)}
+            "folder": str(folder), "teacher": meta.get("teacher"), "training": meta.get("training")}
     return ModelSampler(model or str(folder), "pipeline", info["scheduler"] or "pipeline", steps, guidance_scale, generate,
                         networks, num_classes, prompts if "prompt" in params else None, info)
