@@ -5,7 +5,10 @@
   when it is installed and the run is on a GPU; ``xformers`` insists (one-line error otherwise).
 * Gradient checkpointing: diffusers' own ``enable_gradient_checkpointing`` on the trained
   networks (the student and the fake score; with LoRA, the shared base, which only matters
-  when a graph is built: teacher calls run without one).
+  when a graph is built: teacher calls run without one). With LoRA views on one base, a block is
+  recomputed in backward after other views have switched the active adapter (SiD backpropagates
+  through teacher and fake score); the checkpoint function therefore records each block's adapter
+  routing at forward time and restores it for the recomputation (``context_fn``).
 * Teacher offload: accelerate's ``cpu_offload`` keeps the frozen teacher's weights in CPU RAM
   and streams each layer to the GPU for its forward; it saves the teacher's weights' memory at a
   large speed cost, and cannot be used when LoRA views share the teacher's base.
@@ -13,13 +16,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
 from torch import nn
 
 from .contract import StepdistillError
-from .networks import unwrap
+from .networks import _tuner_layers, unwrap
 
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
 
@@ -72,8 +76,38 @@ def enable_gradient_checkpointing(module: nn.Module) -> bool:
     model = _diffusers_model(module)
     if model is None or not getattr(model, "_supports_gradient_checkpointing", False):
         return False
-    model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(adapter_aware_checkpoint)
     return True
+
+
+def _routing(layers: list) -> list[tuple[bool, list]]:
+    return [(layer._disable_adapters, list(layer._active_adapter)) for layer in layers]
+
+
+@contextlib.contextmanager
+def _routed(layers: list, routing: list[tuple[bool, list]]):
+    """LoRA layers routed as in ``routing`` for the duration (restored after)."""
+    now = _routing(layers)
+    for layer, (disabled, active) in zip(layers, routing):
+        layer._disable_adapters, layer._active_adapter = disabled, active
+    try:
+        yield
+    finally:
+        for layer, (disabled, active) in zip(layers, now):
+            layer._disable_adapters, layer._active_adapter = disabled, active
+
+
+def adapter_aware_checkpoint(block: nn.Module, *args):
+    """diffusers' ``gradient_checkpointing_func``: non-reentrant checkpoint of ``block`` whose
+    recomputation sees the LoRA routing (teacher / student / fake score) of the original forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _tuner_layers(block)
+    if not layers:
+        return checkpoint(block.__call__, *args, use_reentrant=False)
+    routing = _routing(layers)
+    return checkpoint(block.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _routed(layers, routing)))
 
 
 def offload_teacher(denoiser: nn.Module, device) -> str:
