@@ -8,7 +8,12 @@ recipe and records:
 * seconds per round (one round = the objective's phases, e.g. DMD2: 5 fake-score updates + 1
   student update), the median of the timed rounds after one warm-up round;
 * peak memory of the run: CUDA ``max_memory_allocated`` (reset after imports and the text
-  encoder), or on CPU the peak resident set size minus the resident size at that point;
+  encoder), or on CPU the peak resident set size minus the resident size at that point. On CPU
+  the baseline is taken after one round of the same configuration on a tiny teacher of the same
+  layout, so the library code and one-time runtime allocations that a first backward pages in
+  (the CPU's counterpart of the CUDA context, which the plan also leaves out) are not counted,
+  and glibc is told to return large blocks on free (``MALLOC_MMAP_THRESHOLD_``), so the RSS
+  follows live memory rather than the allocator's cache;
 * the memory plan's estimate (``stepdistill.plan.estimate``) for the same config, and the ratio
   measured / plan (issue 8: within 30% on the CPU-sized SDXL shape);
 
@@ -78,6 +83,31 @@ def make_teacher(shape: str, device: str, root: Path) -> Path:
     return folder
 
 
+def _warm_up(args, root: Path) -> None:
+    """One round of the same configuration on a tiny teacher of the same layout (CPU baseline)."""
+    import gc
+
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from stepdistill.config import load_config
+    from stepdistill.trainer import Trainer
+
+    cfg = unet_config(args.shape, "cpu")
+    depth = cfg.get("transformer_layers_per_block")
+    tiny = dict(cfg, layers_per_block=1, sample_size=8, **({"transformer_layers_per_block": (1,) * len(depth)} if depth else {}))
+    torch.manual_seed(0)
+    UNet2DConditionModel(**tiny).save_pretrained(root / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    (root / "stepdistill_teacher.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    tr = Trainer(load_config(f"digits-sd/{args.objective}", overrides(root, args.objective, args.fake, args.ckpt == "on", 2, "cpu")),
+                 root / "run", progress=False)
+    for phase, count in tr.objective.phases.items():
+        tr.update(phase)
+    del tr
+    gc.collect()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -116,6 +146,8 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        with tempfile.TemporaryDirectory() as warm:
+            _warm_up(args, Path(warm))
         base = _rss_bytes()
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +167,8 @@ def worker(args) -> dict:
         peak, method = torch.cuda.max_memory_allocated() - base, "torch.cuda.max_memory_allocated after a reset (text encoder excluded)"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # Linux: KiB
-        method = "peak RSS (getrusage) minus RSS after imports and the text encoder"
+        method = ("peak RSS (getrusage) minus RSS after imports, the text encoder and a warm-up round on a tiny same-layout "
+                  "teacher; MALLOC_MMAP_THRESHOLD_=131072")
     return {"shape": args.shape, "objective": args.objective, "fake_score": args.fake if args.objective in FAKE_SCORE else "-",
             "gradient_checkpointing": args.ckpt == "on", "batch_size": args.batch_size, "device": args.device,
             "updates_per_round": updates, "seconds_per_round": statistics.median(times), "rounds_timed": len(times),
@@ -162,7 +195,8 @@ def run_all(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--worker", "--teacher-dir", str(teacher), "--shape", shape, "--objective", objective,
                    "--fake", fake if fake != "-" else "full", "--ckpt", ckpt, "--batch-size", str(args.batch_size),
                    "--rounds", str(args.rounds), "--device", args.device, "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="131072")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{shape} {objective} fake={fake} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])

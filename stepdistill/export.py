@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, l
     for n in steps:
         if n == len(run_times):
             out[n] = [float(t) for t in run_times]
-        elif any(objective == c or f"'{c}'" in objective for c in CONSISTENCY_OBJECTIVES):
+        elif set(re.split(r"[^a-z0-9]+", objective)) & set(CONSISTENCY_OBJECTIVES):  # lcm, scm, compose(scm+ladd)
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
             ts = [top * (n - k) / n for k in range(n)]
             out[n] = [round(t * last) / last for t in ts] if last else ts
@@ -148,6 +149,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     teacher = trainer.teacher
     run_times = trainer.nets.student_times
     objective = str(getattr(cfg.objective, "registry_name", type(cfg.objective).__name__)).lower()
+    parts = [str(p.get("name", "")).lower() for p in getattr(cfg.objective, "parts", None) or []]
+    if parts:
+        objective = f"{objective}({'+'.join(parts)})"
     schedule = teacher.denoiser.schedule
     last = schedule.num_train_timesteps - 1 if getattr(schedule, "kind", "") == "vp" else None
     times = _times_for(steps or [len(run_times)], run_times, objective, last)

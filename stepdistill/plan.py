@@ -102,23 +102,43 @@ def _meta_cond(model: nn.Module, config: dict, batch: int) -> dict:
 
 
 def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, checkpointing: bool) -> int:
-    """Elements kept for backward per sample: leaf-module outputs of one meta forward.
+    """Elements kept for backward per sample, from one meta forward.
 
-    With gradient checkpointing: the outputs of the top-level blocks (the checkpoint inputs)
-    plus the largest single block's internals (recomputed one block at a time).
+    Autograd keeps, for the layers that matter (linear, conv, norms, activations), their *inputs*;
+    residual sums and skip concatenations feed the next layer without being any layer's output.
+    So every distinct tensor that enters or leaves a leaf module counts once (a tensor passed
+    straight from one layer to the next is the same object, not two). With gradient
+    checkpointing: the block boundaries (top-level block outputs) plus the largest single block's
+    own tensors (recomputed one block at a time).
     """
     from .adapters.diffusers_models import FAMILIES, family_of
 
     leaves = {m for m in model.modules() if not list(m.children())}
-    per_module: dict[nn.Module, int] = {}
+    owner: dict[nn.Module, nn.Module] = {}
+    blocks = [b for name, b in model.named_children() for b in (b if isinstance(b, nn.ModuleList) else [b])]
+    for b in blocks:
+        for m in b.modules():
+            owner[m] = b
+    seen: dict[int, tuple[torch.Tensor, nn.Module | None]] = {}  # id -> (tensor kept alive so ids stay unique, block)
+    block_out: dict[nn.Module, int] = {}
 
-    def hook(mod, _inp, out):
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out = getattr(out, "sample", out)
-        if torch.is_tensor(out):
-            per_module[mod] = per_module.get(mod, 0) + out.numel()
+    def note(t, mod):
+        if torch.is_tensor(t) and t.is_floating_point() and id(t) not in seen:
+            seen[id(t)] = (t, owner.get(mod))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    def flat(value):
+        value = getattr(value, "sample", value)
+        return value if isinstance(value, (tuple, list)) else (value,)
+
+    def leaf_hook(mod, inputs, out):
+        for t in (*inputs, *flat(out)):
+            note(t, mod)
+
+    def block_hook(mod, _inputs, out):
+        block_out[mod] = block_out.get(mod, 0) + sum(t.numel() for t in flat(out) if torch.is_tensor(t))
+
+    handles = [m.register_forward_hook(leaf_hook) for m in leaves]
+    handles += [b.register_forward_hook(block_hook) for b in blocks]
     try:
         with torch.device("meta"), torch.no_grad():
             x = torch.zeros(1, *shape)
@@ -126,13 +146,14 @@ def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, 
     finally:
         for h in handles:
             h.remove()
-    full = sum(v for m, v in per_module.items() if m in leaves)
     if not checkpointing:
-        return full
-    blocks = [b for name, b in model.named_children() for b in (b if isinstance(b, nn.ModuleList) else [b])]
-    inner = [sum(per_module.get(m, 0) for m in b.modules() if m in leaves) for b in blocks]
-    boundary = sum(per_module.get(b, 0) for b in blocks)
-    return boundary + max(inner, default=0)
+        return sum(t.numel() for t, _ in seen.values())
+    inner: dict[nn.Module, int] = {}
+    for t, block in seen.values():
+        if block is not None:
+            inner[block] = inner.get(block, 0) + t.numel()
+    outside = sum(t.numel() for t, block in seen.values() if block is None)
+    return sum(block_out.values()) + outside + max(inner.values(), default=0)
 
 
 def lora_params(model: nn.Module, rank: int, targets: list[str] | None) -> int:

@@ -224,3 +224,13 @@ def test_export_refuses_bad_input(tmp_path, unet_teacher_dir, sd_dir):
     (tmp_path / "o4" / "x").write_text("")
     with pytest.raises(StepdistillError, match="not empty"):
         export_run(run, tmp_path / "o4")
+
+
+def test_step_counts_a_student_can_export():
+    from stepdistill.export import _times_for
+
+    assert _times_for([1], (0.95,), "dmd") == {1: [0.95]}
+    assert _times_for([2, 4], (1.0,), "compose(scm+ladd)") == {2: [1.0, 0.5], 4: [1.0, 0.75, 0.5, 0.25]}
+    assert _times_for([2], (0.95,), "lcm", last=999)[2] == [949 / 999, 475 / 999]  # snapped to the VP grid
+    with pytest.raises(StepdistillError, match="only consistency students"):
+        _times_for([2], (0.95,), "compose(dmd2+ladd)")
