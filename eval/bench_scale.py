@@ -17,8 +17,8 @@ recipe and records:
 * the memory plan's estimate (``stepdistill.plan.estimate``) for the same config, and the ratio
   measured / plan (issue 8: within 30% on the CPU-sized SDXL shape);
 
-for a full-copy versus a LoRA fake score (objectives that have one), with and without gradient
-checkpointing. Each configuration runs in its own subprocess so peaks do not mix.
+for a full-copy versus a LoRA fake score (objectives that have one; ``--student lora`` adds LoRA
+students), with and without gradient checkpointing. Each configuration runs in its own subprocess so peaks do not mix.
 
     python eval/bench_scale.py                      # CPU: the shapes at a small width (channels / 10), fp32
     python eval/bench_scale.py --device cuda        # GPU: full SD1.5 / SDXL widths, bf16 compute, bf16 teacher
@@ -100,7 +100,7 @@ def _warm_up(args, root: Path) -> None:
     UNet2DConditionModel(**tiny).save_pretrained(root / "unet")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
     (root / "stepdistill_teacher.json").write_text(json.dumps({"prediction_type": "epsilon"}))
-    tr = Trainer(load_config(f"digits-sd/{args.objective}", overrides(root, args.objective, args.fake, args.ckpt == "on", 2, "cpu")),
+    tr = Trainer(load_config(f"digits-sd/{args.objective}", overrides(root, args.objective, args.fake, args.ckpt == "on", 2, "cpu", args.student)),
                  root / "run", progress=False)
     for phase, count in tr.objective.phases.items():
         tr.update(phase)
@@ -113,8 +113,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def overrides(teacher: Path, objective: str, fake: str, ckpt: bool, batch: int, device: str) -> list[str]:
-    over = [f"teacher.name={teacher}", f"train.batch_size={batch}", "train.steps=1000", "train.sample_every=0",
+def overrides(teacher: Path, objective: str, fake: str, ckpt: bool, batch: int, device: str, student: str = "full") -> list[str]:
+    over = [f"student.init={'lora' if student == 'lora' else 'copy'}", f"teacher.name={teacher}", f"train.batch_size={batch}", "train.steps=1000", "train.sample_every=0",
             "train.checkpoint_every=0", "train.log_every=1000", f"train.gradient_checkpointing={str(ckpt).lower()}"]
     if objective in FAKE_SCORE:
         over.append(f"fake_score.init={'lora' if fake == 'lora' else 'copy'}")
@@ -137,7 +137,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     teacher = Path(args.teacher_dir)
     cfg = load_config(f"digits-sd/{args.objective}",
-                      overrides(teacher, args.objective, args.fake, args.ckpt == "on", args.batch_size, args.device))
+                      overrides(teacher, args.objective, args.fake, args.ckpt == "on", args.batch_size, args.device,
+                                args.student))
     plan = estimate(cfg)
     encoder = stepdistill.teachers.text_encoder_minilm()  # outside the plan (not trained): loaded once, before the baseline
     stepdistill.teachers.text_encoder_minilm = lambda: encoder
@@ -169,7 +170,7 @@ def worker(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # Linux: KiB
         method = ("peak RSS (getrusage) minus RSS after imports, the text encoder and a warm-up round on a tiny same-layout "
                   "teacher; MALLOC_MMAP_THRESHOLD_=131072")
-    return {"shape": args.shape, "objective": args.objective, "fake_score": args.fake if args.objective in FAKE_SCORE else "-",
+    return {"shape": args.shape, "objective": args.objective, "student": args.student, "fake_score": args.fake if args.objective in FAKE_SCORE else "-",
             "gradient_checkpointing": args.ckpt == "on", "batch_size": args.batch_size, "device": args.device,
             "updates_per_round": updates, "seconds_per_round": statistics.median(times), "rounds_timed": len(times),
             "peak_bytes": int(peak), "memory_method": method, "plan_peak_bytes": int(plan["peak_gib"] * 2**30),
@@ -181,19 +182,20 @@ def configs(args):
     for shape in args.shapes:
         for objective in args.objectives:
             fakes = args.fake if objective in FAKE_SCORE else ["-"]
-            for fake in fakes:
-                for ckpt in args.checkpointing:
-                    yield shape, objective, fake, ckpt
+            for student in args.student:
+                for fake in fakes:
+                    for ckpt in args.checkpointing:
+                        yield shape, objective, student, fake, ckpt
 
 
 def run_all(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         todo = list(configs(args))
-        for i, (shape, objective, fake, ckpt) in enumerate(todo, 1):
+        for i, (shape, objective, student, fake, ckpt) in enumerate(todo, 1):
             teacher = make_teacher(shape, args.device, Path(args.teacher_root or tmp))
             cmd = [sys.executable, __file__, "--worker", "--teacher-dir", str(teacher), "--shape", shape, "--objective", objective,
-                   "--fake", fake if fake != "-" else "full", "--ckpt", ckpt, "--batch-size", str(args.batch_size),
+                   "--fake", fake if fake != "-" else "full", "--ckpt", ckpt, "--student", student, "--batch-size", str(args.batch_size),
                    "--rounds", str(args.rounds), "--device", args.device, "--threads", str(args.threads)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="131072")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -205,13 +207,13 @@ def run_all(args) -> list[dict]:
     return rows
 
 
-HEADER = f"{'shape':<5} {'objective':<9} {'fake':<5} {'ckpt':<4} {'s/round':>8} {'peak MiB':>9} {'plan MiB':>9} {'plan/meas':>9}"
+HEADER = f"{'shape':<5} {'objective':<9} {'student':<7} {'fake':<5} {'ckpt':<4} {'s/round':>8} {'peak MiB':>9} {'plan MiB':>9} {'plan/meas':>9}"
 
 
 def line(r: dict) -> str:
     mib = 2**20
     ratio = f"{r['plan_over_measured']:.2f}" if r["plan_over_measured"] else "-"
-    return (f"{r['shape']:<5} {r['objective']:<9} {r['fake_score']:<5} {'on' if r['gradient_checkpointing'] else 'off':<4} "
+    return (f"{r['shape']:<5} {r['objective']:<9} {r.get('student', 'full'):<7} {r['fake_score']:<5} {'on' if r['gradient_checkpointing'] else 'off':<4} "
             f"{r['seconds_per_round']:>8.3f} {r['peak_bytes'] / mib:>9.1f} {r['plan_peak_bytes'] / mib:>9.1f} {ratio:>9}")
 
 
@@ -220,7 +222,8 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     ap.add_argument("--objectives", nargs="+", default=OBJECTIVES)
-    ap.add_argument("--fake", nargs="+", choices=("full", "lora"), default=["full", "lora"])
+    ap.add_argument("--student", nargs="+", choices=("full", "lora"), default=["full"], help="student network(s)")
+    ap.add_argument("--fake", nargs="+", choices=("full", "lora"), default=["full", "lora"], help="fake-score network(s)")
     ap.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
     ap.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 2 on CUDA")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds after one warm-up round")
@@ -236,6 +239,7 @@ def main() -> None:
     args.batch_size = args.batch_size or (4 if args.device == "cpu" else 2)
     if args.worker:
         args.fake = args.fake[0] if isinstance(args.fake, list) else args.fake
+        args.student = args.student[0] if isinstance(args.student, list) else args.student
         print(json.dumps(worker(args)))
         return
     print(HEADER, flush=True)

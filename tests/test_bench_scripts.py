@@ -27,7 +27,7 @@ def test_bench_scale_runs_on_cpu_and_reports_plan_beside_measured(tmp_path):
     assert row["shape"] == "sdxl" and row["fake_score"] == "lora" and row["gradient_checkpointing"]
     assert row["seconds_per_round"] > 0 and row["peak_bytes"] > 0 and row["plan_peak_bytes"] > 0
     assert math.isfinite(row["plan_over_measured"]) and record["unet_configs"]["sdxl"]["block_out_channels"] == [32, 64, 128]
-    assert "sdxl  sid" in proc.stdout
+    assert "sdxl  sid       full    lora" in proc.stdout
 
 
 def test_bench_step_runs_and_reports_overhead(tmp_path):
