@@ -1,7 +1,8 @@
 """``stepdistill quickstart``: distil, export, reload, evaluate and report, on the embedded digits teacher.
 
-1. **train** a one-step DMD student of ``digits-unet`` (recipe ``digits-unet/dmd``: 200 rounds of
-   4 fake-score + 1 student update; ``--fast``: 6 small rounds, for CI);
+1. **train** a one-step SiD student of ``digits-unet`` (recipe ``digits-unet/sid``: 600 rounds of
+   1 fake-score + 1 student update, batch 32; the best one-step FID of the objectives on this
+   teacher in ``eval/RESULTS.md``; ``--fast``: 6 small rounds, for CI);
 2. **export** it with ``stepdistill export`` into a folder ``DiffusionPipeline.from_pretrained``
    loads (the class-conditional pipeline travels inside it);
 3. **reload** that folder in a fresh Python process that never imports stepdistill, sample with
@@ -27,11 +28,13 @@ import torch
 from .config import load_config
 from .contract import StepdistillError
 
-RECIPE = "digits-unet/dmd"
+RECIPE = "digits-unet/sid"
+OBJECTIVE = "SiD"
 TEACHER = "digits-unet"
-FULL = {"overrides": ["train.steps=200"], "eval_samples": 500}
-FAST = {"overrides": ["train.steps=6", "train.batch_size=8", "objective.critic_ratio=1", "train.sample_every=0",
-                      "train.checkpoint_every=0"], "eval_samples": 60}
+FULL = {"overrides": [], "eval_samples": 500}
+FAST = {"overrides": ["train.steps=6", "train.batch_size=8", "train.sample_every=0", "train.checkpoint_every=0"],
+        "eval_samples": 60}
+STUDENT = f"student, {OBJECTIVE} 1 step (exported pipeline)"
 
 _RELOAD = """
 import sys, torch
@@ -94,7 +97,7 @@ def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
     plan = FAST if fast else FULL
     times: dict[str, float] = {}
 
-    _stage(f"1/5 training a one-step DMD student of {TEACHER} (recipe {RECIPE}{', --fast' if fast else ''})")
+    _stage(f"1/5 training a one-step {OBJECTIVE} student of {TEACHER} (recipe {RECIPE}{', --fast' if fast else ''})")
     cfg = load_config(RECIPE, plan["overrides"])
     start = time.time()
     trainer = Trainer(cfg, out / "run", progress=progress)
@@ -124,11 +127,11 @@ def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
 
     _stage("5/5 writing the report")
     rows = {"teacher, DPM-Solver++ 50 steps": teacher_rows[0], "teacher, DPM-Solver++ 1 step": teacher_rows[1],
-            "student, DMD 1 step (exported pipeline)": student_rows[0]}
+            STUDENT: student_rows[0]}
     summary = {"teacher": TEACHER, "recipe": RECIPE, "fast": fast, "rounds": cfg.train.steps, "batch_size": cfg.train.batch_size,
                "seconds": times, "eval_samples": plan["eval_samples"], "reload_parity_max_abs": parity,
                "reload": reload["stdout"], "results": {k: _row(v) for k, v in rows.items()},
-               "speedup_vs_teacher_50": _speedup(rows["teacher, DPM-Solver++ 50 steps"], rows["student, DMD 1 step (exported pipeline)"]),
+               "speedup_vs_teacher_50": _speedup(rows["teacher, DPM-Solver++ 50 steps"], rows[STUDENT]),
                "paths": {"run": str(out / "run"), "pipeline": str(out / "pipeline"), "eval": str(out / "eval"),
                          "report": str(out / "report.md")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -153,7 +156,7 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def _report(s: dict, rows: dict, out: Path) -> str:
     lines = ["# stepdistill quickstart", "",
-             f"A one-step DMD student of the embedded `{s['teacher']}` teacher (recipe `{s['recipe']}`, {s['rounds']} rounds of "
+             f"A one-step {OBJECTIVE} student of the embedded `{s['teacher']}` teacher (recipe `{s['recipe']}`, {s['rounds']} rounds of "
              f"batch {s['batch_size']}{', --fast' if s['fast'] else ''}), exported to a diffusers pipeline, reloaded with "
              "`DiffusionPipeline.from_pretrained` in a fresh process (max abs difference to the trained student: "
              f"{s['reload_parity_max_abs']:.2g}) and evaluated against its teacher on one protocol: {s['eval_samples']} samples "
