@@ -131,6 +131,25 @@ def text_encoder_minilm():
     return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def _own_text_encoder(folder: Path):
+    """The teacher folder's own ``text_encoder/`` + ``tokenizer/`` (SD1.5-style, e.g. CLIPTextModel),
+    with its token length (77 for CLIP); None when the folder has none."""
+    if not (folder / "text_encoder" / "config.json").is_file():
+        return None
+    import transformers
+
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    cls_name = (index.get("text_encoder") or [None, "CLIPTextModel"])[1]
+    cls = getattr(transformers, str(cls_name), None)
+    if cls is None or not (folder / "tokenizer").is_dir():
+        raise StepdistillError(f"{folder}: text_encoder/ needs a transformers class (model_index.json names {cls_name!r}) "
+                               "and a tokenizer/ folder beside it")
+    encoder = cls.from_pretrained(folder / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+    length = min(int(getattr(tokenizer, "model_max_length", 77)), int(getattr(encoder.config, "max_position_embeddings", 77)), 77)
+    return encoder, tokenizer, length
+
+
 def prompt_encoder(text_encoder, tokenizer, max_length: int = 16) -> Callable[[list[str]], dict]:
     """texts -> {"prompt_embeds": [N, L, D]} with the encoder's last hidden state."""
 
@@ -167,8 +186,14 @@ def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] |
     num_classes = int(meta.get("num_classes") or cfg.get("num_embeds_ada_norm") or 0)
     decode = None
     if denoiser.family in ("unet2d_condition", "sd3", "sana"):
-        encoder, tokenizer = text_encoder_minilm()
-        conditioner = Prompts(prompts or _digits_prompts(), prompt_encoder(encoder, tokenizer))
+        own = _own_text_encoder(folder) if denoiser.family == "unet2d_condition" else None
+        encoder, tokenizer, length = own or (*text_encoder_minilm(), 16)
+        width = cfg.get("cross_attention_dim") if denoiser.family == "unet2d_condition" else None
+        if isinstance(width, int) and encoder.config.hidden_size != width:
+            where = f"{folder}/text_encoder" if own else "the offline MiniLM encoder (the teacher folder has no text_encoder/)"
+            raise StepdistillError(f"{where} gives {encoder.config.hidden_size}-d prompt embeddings but the teacher's "
+                                   f"network takes {width}-d ones; give the teacher folder its own text_encoder/ and tokenizer/")
+        conditioner = Prompts(prompts or _digits_prompts(), prompt_encoder(encoder, tokenizer, length))
     elif num_classes or cfg.get("num_class_embeds"):
         num_classes = num_classes or int(cfg["num_class_embeds"]) - 1
         conditioner = ClassLabels(num_classes, meta.get("null_class", num_classes))

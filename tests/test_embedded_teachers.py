@@ -1,5 +1,8 @@
 """The shipped digits assets: data split, feature network, and the digits-unet teacher."""
 
+import math
+
+import pytest
 import torch
 
 from stepdistill.conditioning import ClassLabels
@@ -74,3 +77,42 @@ def test_digits_sd_through_our_loader_draws_the_asked_digits():
     labels = torch.arange(30) % 10
     prompts = [f"a handwritten digit {DIGIT_WORDS[i]}" for i in labels.tolist()]
     assert _accuracy(teacher, labels, 20, teacher.info["recommended_guidance_scale"], prompts) >= 0.8
+
+
+def test_a_teacher_folder_with_its_own_text_encoder(tmp_path):
+    """SD1.5-style folders carry text_encoder/ + tokenizer/: those encode the prompts, not MiniLM."""
+    import json
+
+    import transformers
+    from diffusers import DDPMScheduler
+
+    from stepdistill.config import load_config
+    from stepdistill.contract import StepdistillError
+    from stepdistill.teachers import load_teacher, text_encoder_minilm
+    from stepdistill.trainer import Trainer
+    from conftest import tiny_unet2d_condition
+
+    folder = tmp_path / "sd-own-encoder"
+    torch.manual_seed(0)
+    unet = tiny_unet2d_condition()  # cross_attention_dim 8
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    _, tokenizer = text_encoder_minilm()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=16,
+                                                                  num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
+    clip.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "text_encoder": ["transformers", "CLIPTextModel"]}))
+    teacher = load_teacher(str(folder))
+    cond, null = teacher.conditioner.texts(["a handwritten digit seven", "the digit 3"])
+    assert cond["prompt_embeds"].shape == (2, 77, 8) and null["prompt_embeds"].shape == (2, 77, 8)
+    cfg = load_config("digits-sd/dmd2", [f"teacher.name={folder}", "train.batch_size=2", "train.steps=1", "train.sample_every=0"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    logs = tr.update("student")
+    assert all(math.isfinite(v) for v in logs.values())
+    import shutil
+
+    shutil.rmtree(folder / "text_encoder")  # without its own encoder the 384-d MiniLM does not fit: one clear line
+    with pytest.raises(StepdistillError, match="384-d prompt embeddings but the teacher's network takes 8-d"):
+        load_teacher(str(folder))
