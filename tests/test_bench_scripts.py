@@ -26,7 +26,9 @@ def test_bench_scale_runs_on_cpu_and_reports_plan_beside_measured(tmp_path):
     (row,) = record["rows"]
     assert row["shape"] == "sdxl" and row["fake_score"] == "lora" and row["gradient_checkpointing"]
     assert row["seconds_per_round"] > 0 and row["peak_bytes"] > 0 and row["plan_peak_bytes"] > 0
-    assert math.isfinite(row["plan_over_measured"]) and record["unet_configs"]["sdxl"]["block_out_channels"] == [32, 64, 128]
+    assert record["unet_configs"]["sdxl"]["block_out_channels"] == [32, 64, 128]
+    # issue 8: the plan's estimate within 30% of the measured peak on the CPU-sized SDXL layout (0.94 when written)
+    assert 0.7 < row["plan_over_measured"] < 1.3, row
     assert "sdxl  sid       full    lora" in proc.stdout
 
 

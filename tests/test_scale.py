@@ -45,6 +45,24 @@ def test_plan_sd15_full_vs_lora(sd15_config_dir):
     assert full["peak_gib"] > 24 > lora["peak_gib"]
 
 
+def test_plan_prints_per_network_memory_for_an_sdxl_shaped_teacher(tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    with torch.device("meta"):  # SDXL's UNet layout (config only, nothing allocated)
+        unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                                    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(unet.to_json_string())
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(tmp_path / "scheduler")
+    assert main(["plan", "digits-sd/dmd2", f"teacher.name={tmp_path}", "--batch-size", "2", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    for name in ("teacher", "student", "fake_score"):
+        assert any(line.startswith(name) and "GiB" in line for line in out.splitlines()), (name, out)
+    assert "2562.2M" in out  # SDXL UNet layout with 2048-d cross-attention, without the micro-conditioning embedding
+
+
 def test_plan_cli_exit_codes(sd15_config_dir, capsys):
     args = ["plan", "digits-unet/dmd", f"teacher.name={sd15_config_dir}", "--batch-size", "8", "--precision", "bf16"]
     assert main(args + ["--device", "24GB"]) == 1
