@@ -67,28 +67,30 @@ def unet_config(shape: str, device: str) -> dict:
     return cfg
 
 
-def make_teacher(shape: str, device: str, root: Path) -> Path:
+def write_teacher(folder: Path, config: dict, name: str) -> Path:
     """A random-weight teacher folder (unet/ safetensors, SD1.5's scaled-linear DDPM schedule)."""
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    torch.manual_seed(0)
+    UNet2DConditionModel(**config).save_pretrained(folder / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    (folder / "stepdistill_teacher.json").write_text(json.dumps({"name": name, "prediction_type": "epsilon",
+                                                                 "description": f"random-weight {name} UNet"}))
+    return folder
+
+
+def make_teacher(shape: str, device: str, root: Path) -> Path:
+    """The benchmark's teacher of ``shape`` (written once per root)."""
     folder = root / f"{shape}-{device}"
     if (folder / "unet" / "config.json").is_file():
         return folder
-    torch.manual_seed(0)
-    UNet2DConditionModel(**unet_config(shape, device)).save_pretrained(folder / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
-    (folder / "stepdistill_teacher.json").write_text(json.dumps({"name": f"random-{shape}", "prediction_type": "epsilon",
-                                                                 "description": f"random-weight {shape}-shaped UNet"}))
-    return folder
+    return write_teacher(folder, unet_config(shape, device), f"random-{shape}")
 
 
 def _warm_up(args, root: Path) -> None:
     """One round of the same configuration on a tiny teacher of the same layout (CPU baseline)."""
     import gc
-
-    import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from stepdistill.config import load_config
     from stepdistill.trainer import Trainer
@@ -96,10 +98,7 @@ def _warm_up(args, root: Path) -> None:
     cfg = unet_config(args.shape, "cpu")
     depth = cfg.get("transformer_layers_per_block")
     tiny = dict(cfg, layers_per_block=1, sample_size=8, **({"transformer_layers_per_block": (1,) * len(depth)} if depth else {}))
-    torch.manual_seed(0)
-    UNet2DConditionModel(**tiny).save_pretrained(root / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    (root / "stepdistill_teacher.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    write_teacher(root, tiny, f"tiny-{args.shape}")
     tr = Trainer(load_config(f"digits-sd/{args.objective}", overrides(root, args.objective, args.fake, args.ckpt == "on", 2, "cpu", args.student)),
                  root / "run", progress=False)
     for phase, count in tr.objective.phases.items():
