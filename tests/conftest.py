@@ -87,28 +87,8 @@ def unet_teacher_dir(tmp_path):
 
 
 def train_on_ring(recipe: str, run_dir):
-    """Train a shipped toy2d recipe; measure the one-step student on 4000 samples before and after.
-
-    Returns (sliced W2 before, after, nearest-mode shares [8], fraction within 0.5 of a mode,
-    training CPU seconds on this process).
-    """
-    import time
-
-    from stepdistill.config import load_config
-    from stepdistill.metrics.toy import mode_shares, sliced_wasserstein
-    from stepdistill.trainer import Trainer
+    """(sliced W2 before, after, mode shares [8], fraction near a mode, CPU seconds) of a toy2d recipe."""
+    from stepdistill.metrics.toy import ring_convergence
 
     torch.set_num_threads(1)
-    cfg = load_config(recipe, ["train.sample_every=0", "train.checkpoint_every=0", "train.log_every=100000"])
-    trainer = Trainer(cfg, run_dir, progress=False)
-    gm = trainer.teacher.denoiser
-    reference = gm.sample(4000, torch.Generator().manual_seed(7))
-    before = sliced_wasserstein(trainer.generate(4000, seed=3), reference)
-    start = time.process_time()
-    trainer.run()
-    cpu_seconds = time.process_time() - start
-    x = trainer.generate(4000, seed=3)
-    after = sliced_wasserstein(x, reference)
-    shares = mode_shares(x, gm.means)  # [8], nearest-mode assignment
-    near = mode_shares(x, gm.means, max_dist=0.5).sum().item()  # within 0.5 (~6 std) of a mode
-    return before, after, shares, near, cpu_seconds
+    return ring_convergence(recipe, run_dir)

@@ -1,9 +1,9 @@
 """LCM and sCM take a one-step student to every mode of the 2-D 8-Gaussian ring (the shipped recipes).
 
 Mode coverage: each of the 8 modes gets at least 1% of the nearest-mode assignments of 4000
-one-step samples; training (after the denoising fit of init=fit) stays within a minute of
-process CPU time on one thread. Also reported: sliced 2-Wasserstein distance to exact teacher
+one-step samples. Also reported: sliced 2-Wasserstein distance to exact teacher
 samples before and after (the untrained one-step student collapses to the ring's centre).
+Training time is a benchmark, not a test: ``python eval/bench_toy.py``.
 """
 
 import pytest
@@ -17,4 +17,3 @@ def test_one_step_student_covers_every_mode(tmp_path, recipe):
     print(f"{recipe}: SW {before:.3f} -> {after:.3f}; shares {[round(v, 3) for v in shares.tolist()]}; CPU {cpu_seconds:.1f}s")
     assert bool((shares >= 0.01).all()), f"a mode below 1%: {shares.tolist()}"
     assert after < 0.6 * before, f"SW {before:.3f} -> {after:.3f}"
-    assert cpu_seconds < 60, f"training took {cpu_seconds:.1f}s of CPU"

@@ -2,8 +2,8 @@
 
 Same measurement as tests/test_convergence.py (DMD): sliced 2-Wasserstein to exact teacher
 samples (4000 each) before and after training, and nearest-mode shares. Band: every mode's
-share within a factor of 2 of its true weight 1/8 (so >= 6.25%, well above 1%); CPU time of the
-training loop (time.process_time, torch 1 thread) under a minute.
+share within a factor of 2 of its true weight 1/8 (so >= 6.25%, well above 1%). Training time is
+a benchmark, not a test: ``python eval/bench_toy.py``.
 """
 
 import pytest
@@ -16,7 +16,6 @@ def test_one_step_student_covers_every_mode(tmp_path, objective):
     before, after, shares, near, cpu_seconds = train_on_ring(f"toy2d/{objective}", tmp_path / objective)
     print(f"{objective}: SW untrained {before:.3f} -> trained {after:.3f} ({before / after:.1f}x); shares "
           f"{[round(s, 3) for s in shares.tolist()]}; within 0.5 of a mode {near:.2f}; training CPU {cpu_seconds:.1f}s")
-    assert cpu_seconds < 60, f"training took {cpu_seconds:.0f}s of CPU"
     assert before / after >= 5, f"SW improved only {before / after:.1f}x"
     assert bool(((shares > 0.125 / 2) & (shares < 0.125 * 2)).all()), shares.tolist()
     assert near > 0.4, "most samples should sit on a mode, not between modes"
