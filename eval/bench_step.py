@@ -61,7 +61,7 @@ def bare_round(tr) -> None:
 
 def measure(objective: str, rounds: int, warmup: int, batch_size: int | None) -> dict:
     from stepdistill.config import load_config
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     over = ["train.sample_every=0", "train.checkpoint_every=0", "train.log_every=100000", "train.steps=100000", "train.cpu=true"]
     if batch_size:

@@ -44,7 +44,7 @@ def worker(config: str, teacher: str, batch_size: int, device: str) -> dict:
     torch.set_num_threads(1)
     from stepdistill.config import load_config
     from stepdistill.teachers import load_teacher
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     load_teacher(teacher)  # warm the imports and file caches the way the trainer will
     over = CONFIGS[config] + [f"train.batch_size={batch_size}", "train.steps=1", "train.sample_every=0",

@@ -26,7 +26,7 @@ EXAMPLES = {
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .trainer import train
+    from .training.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
     out = Path(args.output_dir or Path("runs") / Path(args.recipe).with_suffix("").name)

@@ -54,11 +54,16 @@ class ClassLabels:
 
 @dataclass
 class Prompts:
-    """Prompts drawn uniformly from a list; ``encode(list[str]) -> cond dict`` (embeddings cached)."""
+    """Prompts drawn uniformly from a list; ``encode(list[str]) -> cond dict`` (embeddings cached).
+
+    The null condition is ``encode_null()`` (one row, e.g. the pipeline's own negative branch:
+    SDXL's zeros) when given, else the encoding of ``null_prompt``.
+    """
 
     prompts: Sequence[str]
     encode: Callable[[list[str]], dict]
     null_prompt: str = ""
+    encode_null: Callable[[], dict] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -78,7 +83,14 @@ class Prompts:
         return self.texts([self.prompts[i] for i in idx])
 
     def texts(self, texts: list[str]) -> tuple[dict, dict]:
-        return self._embed(texts), self._embed([self.null_prompt] * len(texts))
+        return self._embed(texts), self.null(len(texts))
+
+    def null(self, n: int) -> dict:
+        if self.encode_null is None:
+            return self._embed([self.null_prompt] * n)
+        if "\0null" not in self._cache:
+            self._cache["\0null"] = {k: v[0] for k, v in self.encode_null().items()}
+        return {k: v.expand(n, *v.shape).clone() for k, v in self._cache["\0null"].items()}
 
 
 def read_prompt_file(path: str) -> list[str]:

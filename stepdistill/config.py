@@ -200,10 +200,7 @@ def build_objective_config(data: dict, path: str = "objective"):
 # --------------------------------------------------------------------------------------- recipes
 
 
-def recipes_dir() -> Path:
-    """Shipped recipes: $STEPDISTILL_RECIPES, else train/recipes/ of this checkout."""
-    env = os.environ.get("STEPDISTILL_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "train" / "recipes"
+from .resources import recipes_dir  # noqa: E402  (re-exported: config.recipes_dir)
 
 
 def list_recipes() -> list[str]:

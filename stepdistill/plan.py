@@ -76,29 +76,17 @@ def _meta_teacher(name: str) -> tuple[nn.Module, tuple[int, ...], dict]:
         raise StepdistillError(f"{model_path}/config.json names {config.get('_class_name')!r}, not a diffusers model class")
     with torch.device("meta"):
         model = cls.from_config(config)
-    size = config.get("sample_size", 64)
-    size = size if isinstance(size, int) else size[0]
-    return model, (config.get("in_channels", 4), size, size), config
+    from .adapters import family_for_folder
+
+    return model, family_for_folder(folder, config).sample_shape(config, None), config
 
 
 def _meta_cond(model: nn.Module, config: dict, batch: int) -> dict:
-    """Dummy conditioning inputs on meta for one forward (the text length is 77 tokens)."""
-    from .adapters.diffusers_models import family_of
+    """Dummy conditioning inputs on meta for one forward, from the model's family record."""
+    from .adapters import family_for_model
 
-    fam = family_of(model)
     with torch.device("meta"):
-        if fam == "unet2d":
-            return {"class_labels": torch.zeros(batch, dtype=torch.long)} if config.get("num_class_embeds") else {}
-        if fam == "dit":
-            return {"class_labels": torch.zeros(batch, dtype=torch.long)}
-        dim = config.get("cross_attention_dim") or config.get("joint_attention_dim") or config.get("caption_channels")
-        cond = {"prompt_embeds": torch.zeros(batch, 77, dim)}
-        if fam == "sd3":
-            cond["pooled_prompt_embeds"] = torch.zeros(batch, config["pooled_projection_dim"])
-        if fam == "unet2d_condition" and config.get("addition_embed_type") == "text_time":
-            cond["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, config["projection_class_embeddings_input_dim"] - 6 * config.get("addition_time_embed_dim", 256)),
-                                         "time_ids": torch.zeros(batch, 6)}
-        return cond
+        return family_for_model(model).dummy_cond(config, batch)
 
 
 def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, checkpointing: bool) -> int:
@@ -111,7 +99,7 @@ def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, 
     checkpointing: the block boundaries (top-level block outputs) plus the largest single block's
     own tensors (recomputed one block at a time).
     """
-    from .adapters.diffusers_models import FAMILIES, family_of
+    from .adapters import family_for_model
 
     leaves = {m for m in model.modules() if not list(m.children())}
     owner: dict[nn.Module, nn.Module] = {}
@@ -142,7 +130,7 @@ def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, 
     try:
         with torch.device("meta"), torch.no_grad():
             x = torch.zeros(1, *shape)
-            FAMILIES[family_of(model)](model, x, torch.full((1,), 500.0), _meta_cond(model, config, 1))
+            family_for_model(model).call(model, x, torch.full((1,), 500.0), _meta_cond(model, config, 1))
     finally:
         for h in handles:
             h.remove()
@@ -158,7 +146,7 @@ def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, 
 
 def lora_params(model: nn.Module, rank: int, targets: list[str] | None) -> int:
     """Adapter parameters peft would add: r (in + out) per Linear, r (in k^2 + out) per Conv2d."""
-    from .networks import default_lora_targets
+    from .training.networks import default_lora_targets
 
     targets = targets or default_lora_targets(model)
     total = 0

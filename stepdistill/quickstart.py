@@ -56,17 +56,14 @@ def _stage(msg: str) -> None:
 
 def _toolkit_images(run_dir: Path, labels: list[int]) -> torch.Tensor:
     """The trained student's own images for ``labels`` with one generator seeded 0 (as the pipeline)."""
-    from .networks import Net, unwrap
     from .sampling import few_step_sample
-    from .trainer import Trainer
+    from .training.run import load_student
 
-    tr = Trainer(load_config(str(run_dir / "config.yaml")), run_dir, resume=True, progress=False)
-    st = tr.trainables["student"]
-    view = Net(unwrap(st.module), tr.teacher.denoiser.schedule, adapter=st.adapter)
+    student = load_student(run_dir, use_ema=True)
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(len(labels), *tr.teacher.sample_shape, generator=g)
+    noise = torch.randn(len(labels), *student.teacher.sample_shape, generator=g)
     with torch.no_grad():
-        x = few_step_sample(view, noise, {"class_labels": torch.tensor(labels)}, tr.nets.student_times, g)
+        x = few_step_sample(student.view, noise, {"class_labels": torch.tensor(labels)}, student.times, g)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -88,7 +85,7 @@ def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
     from .evaluation.cli import evaluate_models
     from .evaluation.harness import EvalSettings
     from .export import export_run
-    from .trainer import Trainer
+    from .training.trainer import Trainer
 
     out = Path(out).resolve()  # the clean-process reload runs elsewhere; relative paths would point nowhere
     if out.exists() and any(out.iterdir()):

@@ -129,7 +129,7 @@ def loss_weight(schedule: NoiseSchedule, t: Tensor, weighting: str, max_weight: 
 def schedule_from_scheduler_config(config: dict) -> NoiseSchedule:
     """Pick the schedule that matches a diffusers scheduler config (its ``_class_name``)."""
     name = config.get("_class_name", "")
-    if "FlowMatch" in name:
+    if "FlowMatch" in name or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":  # SANA: DPM-Solver on flow sigmas
         return FlowSchedule(int(config.get("num_train_timesteps", 1000)))
     if name == "SCMScheduler":
         return TrigSchedule(float(config.get("sigma_data", 0.5)))

@@ -8,7 +8,6 @@ analytic teachers, a latent decoder for latent teachers).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .analytic import GaussianMixture, image_mixture, ring2d
-from .conditioning import ClassLabels, Conditioner, Prompts, Unconditional
+from .conditioning import ClassLabels, Conditioner, Unconditional
 from .contract import StepdistillError
 from .schedules import FlowSchedule, VPSchedule
 
@@ -36,6 +35,7 @@ class Teacher:
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
     folder: Path | None = None
     info: dict = field(default_factory=dict)
+    codec: object = None  # LatentCodec (encode images / decode latents) of latent teachers
 
 
 # ------------------------------------------------------------------------------------- analytic
@@ -70,10 +70,7 @@ def _analytic(name: str) -> Teacher:
 # ------------------------------------------------------------------------------------- diffusers
 
 
-def assets_dir() -> Path:
-    """Embedded assets: $STEPDISTILL_ASSETS, else assets/ of this checkout."""
-    env = os.environ.get("STEPDISTILL_ASSETS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets"
+from .resources import assets_dir  # noqa: E402  (re-exported: teachers.assets_dir)
 
 
 def embedded_teachers() -> dict[str, dict]:
@@ -131,94 +128,30 @@ def text_encoder_minilm():
     return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def _own_text_encoder(folder: Path):
-    """The teacher folder's own ``text_encoder/`` + ``tokenizer/`` (SD1.5-style, e.g. CLIPTextModel),
-    with its token length (77 for CLIP); None when the folder has none."""
-    if not (folder / "text_encoder" / "config.json").is_file():
-        return None
-    import transformers
-
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    cls_name = (index.get("text_encoder") or [None, "CLIPTextModel"])[1]
-    cls = getattr(transformers, str(cls_name), None)
-    if cls is None or not (folder / "tokenizer").is_dir():
-        raise StepdistillError(f"{folder}: text_encoder/ needs a transformers class (model_index.json names {cls_name!r}) "
-                               "and a tokenizer/ folder beside it")
-    encoder = cls.from_pretrained(folder / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
-    length = min(int(getattr(tokenizer, "model_max_length", 77)), int(getattr(encoder.config, "max_position_embeddings", 77)), 77)
-    return encoder, tokenizer, length
-
-
-def prompt_encoder(text_encoder, tokenizer, max_length: int = 16) -> Callable[[list[str]], dict]:
-    """texts -> {"prompt_embeds": [N, L, D]} with the encoder's last hidden state."""
-
-    @torch.no_grad()
-    def encode(texts: list[str]) -> dict:
-        tok = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        return {"prompt_embeds": text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state}
-
-    return encode
-
-
-def _digits_prompts() -> list[str]:
-    from .data.digits import CAPTION_TEMPLATES, DIGIT_WORDS
-
-    return [t.format(word=w, digit=d) for d, w in enumerate(DIGIT_WORDS) for t in CAPTION_TEMPLATES]
-
-
-def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] | None) -> Teacher:
-    from .adapters import wrap
+def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] | None, null_class: int | None = None) -> Teacher:
+    """A teacher from a diffusers folder: its family record says how to call, condition and decode it."""
+    from .adapters import family_for_folder, wrap
 
     if not folder.is_dir():
         raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
-    sub, model_path = _model_folder(folder)
+    _, model_path = _model_folder(folder)
     sched_cfg = folder / "scheduler" / "scheduler_config.json"
     if not sched_cfg.is_file():
         raise StepdistillError(f"{folder} has no scheduler/scheduler_config.json; the teacher's noise schedule is unknown")
     meta = _read_json(folder / "stepdistill_teacher.json") if (folder / "stepdistill_teacher.json").is_file() else {}
+    if null_class is not None:
+        meta["null_class"] = null_class
     model = _load_model(model_path, dtype).eval().requires_grad_(False)
-    denoiser = wrap(model, _read_json(sched_cfg), meta.get("prediction_type"))
-    cfg = model.config
-    size = cfg.get("sample_size", 16)
-    size = size if isinstance(size, int) else size[0]
-    shape = (cfg.get("in_channels", 4), size, size)
-    num_classes = int(meta.get("num_classes") or cfg.get("num_embeds_ada_norm") or 0)
-    decode = None
-    if denoiser.family in ("unet2d_condition", "sd3", "sana"):
-        own = _own_text_encoder(folder) if denoiser.family == "unet2d_condition" else None
-        encoder, tokenizer, length = own or (*text_encoder_minilm(), 16)
-        width = cfg.get("cross_attention_dim") if denoiser.family == "unet2d_condition" else None
-        if isinstance(width, int) and encoder.config.hidden_size != width:
-            where = f"{folder}/text_encoder" if own else "the offline MiniLM encoder (the teacher folder has no text_encoder/)"
-            raise StepdistillError(f"{where} gives {encoder.config.hidden_size}-d prompt embeddings but the teacher's "
-                                   f"network takes {width}-d ones; give the teacher folder its own text_encoder/ and tokenizer/")
-        conditioner = Prompts(prompts or _digits_prompts(), prompt_encoder(encoder, tokenizer, length))
-    elif num_classes or cfg.get("num_class_embeds"):
-        num_classes = num_classes or int(cfg["num_class_embeds"]) - 1
-        conditioner = ClassLabels(num_classes, meta.get("null_class", num_classes))
-    else:
-        conditioner = Unconditional()
-    if (folder / "vae" / "config.json").is_file():
-        decode = _vae_decoder(folder / "vae")
+    family = family_for_folder(folder, dict(model.config))
+    denoiser = wrap(model, _read_json(sched_cfg), meta.get("prediction_type"), family)
+    conditioner, num_classes = family.conditioner(folder, model, meta, prompts)
+    codec = family.latent_codec(folder)
+    shape = tuple(meta["latent_shape"]) if meta.get("latent_shape") else family.sample_shape(dict(model.config), codec)
     return Teacher(name, denoiser, conditioner, shape, meta.get("description", str(folder)), num_classes,
-                   decode=decode, folder=folder, info=meta)
+                   decode=codec.decode if codec else None, folder=folder, info=meta, codec=codec)
 
 
-def _vae_decoder(path: Path) -> Callable[[Tensor], Tensor]:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).eval().requires_grad_(False)
-    scale = vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode(latents: Tensor) -> Tensor:
-        return vae.to(latents.device).decode(latents.float() / scale).sample.clamp(-1, 1)
-
-    return decode
-
-
-def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = None) -> Teacher:
+def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = None, null_class: int | None = None) -> Teacher:
     """A ready teacher from an analytic preset, an embedded name (``digits-unet``) or a folder path."""
     if dtype not in DTYPES:
         raise StepdistillError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -230,7 +163,7 @@ def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = Non
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise StepdistillError(f"unknown analytic teacher {name!r}{hint}; available: {', '.join(ANALYTIC)}")
         return _analytic(name)
-    return _diffusers(resolve_teacher_folder(name), name, DTYPES[dtype], prompts)
+    return _diffusers(resolve_teacher_folder(name), name, DTYPES[dtype], prompts, null_class)
 
 
 def resolve_teacher_folder(name: str) -> Path:

@@ -62,7 +62,7 @@ def cond_for(family: str, batch: int, g: torch.Generator) -> dict:
     """A valid cond dict for each tiny model family."""
     if family in ("unet2d_class", "dit"):
         return {"class_labels": torch.randint(0, 10, (batch,), generator=g)}
-    if family == "unet2d_condition":
+    if family in ("unet2d_condition", "sd"):
         return {"prompt_embeds": torch.randn(batch, 5, 8, generator=g)}
     if family == "sd3":
         return {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 64, generator=g)}
@@ -88,7 +88,7 @@ def unet_teacher_dir(tmp_path):
 
 def train_on_ring(recipe: str, run_dir):
     """(sliced W2 before, after, mode shares [8], fraction near a mode, CPU seconds) of a toy2d recipe."""
-    from stepdistill.metrics.toy import ring_convergence
+    from stepdistill.evaluation.toy import ring_convergence
 
     torch.set_num_threads(1)
     return ring_convergence(recipe, run_dir)

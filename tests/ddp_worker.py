@@ -6,7 +6,7 @@ import sys
 import torch
 
 from stepdistill.config import load_config
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 torch.set_num_threads(1)
 out, overrides = sys.argv[1], sys.argv[2:]

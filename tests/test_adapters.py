@@ -11,7 +11,7 @@ from stepdistill.schedules import FlowSchedule, TrigSchedule, VPSchedule
 MODELS = {
     "unet2d": (lambda: tiny_unet2d(), (1, 8, 8)),
     "unet2d_class": (lambda: tiny_unet2d(num_classes=10), (1, 8, 8)),
-    "unet2d_condition": (tiny_unet2d_condition, (4, 8, 8)),
+    "sd": (tiny_unet2d_condition, (4, 8, 8)),
     "dit": (tiny_dit, (4, 8, 8)),
     "sd3": (tiny_sd3, (4, 8, 8)),
     "sana": (tiny_sana, (4, 8, 8)),

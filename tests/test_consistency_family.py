@@ -14,7 +14,7 @@ from stepdistill.analytic import GaussianMixture, ring2d
 from stepdistill.config import load_config
 from stepdistill.consistency import boundary_coefficients, consistency_fn, ddim_step, tcd_sample, trig_sample, trig_times
 from stepdistill.contract import StepdistillError, add_noise, as_time
-from stepdistill.networks import MLPDenoiser
+from stepdistill.training.networks import MLPDenoiser
 from stepdistill.objectives import Batch, Nets
 from stepdistill.objectives.cm_common import add_guidance_embedding, pseudo_huber
 from stepdistill.objectives.compose import Compose
@@ -22,7 +22,7 @@ from stepdistill.objectives.lcm import LCM
 from stepdistill.objectives.scm import SCM, scm_tangent
 from stepdistill.schedules import FlowSchedule, TrigSchedule
 from stepdistill.teachers import Teacher, _ddpm_schedule
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 from stepdistill.trigflow import TrigFlowView, native_time, trig_time
 
 from conftest import cond_for, tiny_dit, tiny_sana, tiny_sd3, tiny_unet2d, tiny_unet2d_condition

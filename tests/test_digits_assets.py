@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.data.digits import CAPTION_TEMPLATES, DIGIT_WORDS, caption_for, load_digits_images, split_indices
+from stepdistill.training.data.digits import CAPTION_TEMPLATES, DIGIT_WORDS, caption_for, load_digits_images, split_indices
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TEACHERS = ASSETS / "teachers"
@@ -63,7 +63,7 @@ def test_captions():
 
 
 def test_classifier_loads_and_is_accurate_on_test_split():
-    from stepdistill.metrics.digits_classifier import load_digits_classifier, read_config
+    from stepdistill.evaluation.digits_classifier import load_digits_classifier, read_config
 
     model = load_digits_classifier()
     x, y = load_digits_images("test")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from stepdistill.config import load_config
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 
 from stepdistill.cli import build_parser
-from stepdistill.reference import recipe_reference
+from stepdistill.recipe_docs import recipe_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_reference_matches_the_config_classes():
     committed = (ROOT / "docs" / "recipes.md").read_text()
-    assert committed == recipe_reference(), "docs/recipes.md is stale: python -m stepdistill.reference > docs/recipes.md"
+    assert committed == recipe_reference(), "docs/recipes.md is stale: python -m stepdistill.recipe_docs > docs/recipes.md"
 
 
 def _subcommands():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stepdistill.conditioning import ClassLabels
-from stepdistill.data.digits import load_digits_images
-from stepdistill.metrics.digits_classifier import load_digits_classifier
+from stepdistill.training.data.digits import load_digits_images
+from stepdistill.evaluation.digits_classifier import load_digits_classifier
 from stepdistill.sampling import ddim_sample
 from stepdistill.teachers import assets_dir, list_teachers, load_teacher
 
@@ -70,10 +70,10 @@ def test_digits_flow_through_our_loader_draws_the_asked_digits():
 
 
 def test_digits_sd_through_our_loader_draws_the_asked_digits():
-    from stepdistill.data.digits import DIGIT_WORDS
+    from stepdistill.training.data.digits import DIGIT_WORDS
 
     teacher = load_teacher("digits-sd")
-    assert teacher.denoiser.family == "unet2d_condition" and teacher.sample_shape == (4, 8, 8)
+    assert teacher.denoiser.family == "sd" and teacher.sample_shape == (4, 8, 8)
     labels = torch.arange(30) % 10
     prompts = [f"a handwritten digit {DIGIT_WORDS[i]}" for i in labels.tolist()]
     assert _accuracy(teacher, labels, 20, teacher.info["recommended_guidance_scale"], prompts) >= 0.8
@@ -89,7 +89,7 @@ def test_a_teacher_folder_with_its_own_text_encoder(tmp_path):
     from stepdistill.config import load_config
     from stepdistill.contract import StepdistillError
     from stepdistill.teachers import load_teacher, text_encoder_minilm
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
     from conftest import tiny_unet2d_condition
 
     folder = tmp_path / "sd-own-encoder"
@@ -98,21 +98,29 @@ def test_a_teacher_folder_with_its_own_text_encoder(tmp_path):
     unet.save_pretrained(folder / "unet")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
     _, tokenizer = text_encoder_minilm()
+    tokenizer.model_max_length = 77  # as a CLIP tokenizer: the stock pipeline pads to it
     tokenizer.save_pretrained(folder / "tokenizer")
     clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=16,
                                                                   num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
     clip.save_pretrained(folder / "text_encoder")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                          "text_encoder": ["transformers", "CLIPTextModel"]}))
-    teacher = load_teacher(str(folder))
-    cond, null = teacher.conditioner.texts(["a handwritten digit seven", "the digit 3"])
+    prompts = ["a handwritten digit seven", "the digit 3"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    teacher = load_teacher(str(folder), prompts=prompts)
+    cond, null = teacher.conditioner.texts(prompts)
     assert cond["prompt_embeds"].shape == (2, 77, 8) and null["prompt_embeds"].shape == (2, 77, 8)
-    cfg = load_config("digits-sd/dmd2", [f"teacher.name={folder}", "train.batch_size=2", "train.steps=1", "train.sample_every=0"])
+    cfg = load_config("digits-sd/dmd2", [f"teacher.name={folder}", "train.batch_size=2", "train.steps=1", "train.sample_every=0",
+                                         f"data.conditions=prompts:{tmp_path / 'prompts.txt'}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     logs = tr.update("student")
     assert all(math.isfinite(v) for v in logs.values())
     import shutil
 
-    shutil.rmtree(folder / "text_encoder")  # without its own encoder the 384-d MiniLM does not fit: one clear line
-    with pytest.raises(StepdistillError, match="384-d prompt embeddings but the teacher's network takes 8-d"):
+    shutil.rmtree(folder / "text_encoder")  # without its own encoder (no package named in its metadata): one clear line
+    with pytest.raises(StepdistillError, match="has no text_encoder/"):
+        load_teacher(str(folder), prompts=prompts)
+    with pytest.raises(StepdistillError, match="give prompts with data.conditions=prompts:<file>"):  # issue 14: no digit captions
+        (folder / "text_encoder").mkdir()
+        clip.save_pretrained(folder / "text_encoder")
         load_teacher(str(folder))

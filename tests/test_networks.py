@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_unet2d
 from stepdistill.adapters import DiffusersDenoiser
-from stepdistill.networks import Net, add_lora, full_copy
+from stepdistill.training.networks import Net, add_lora, full_copy
 from stepdistill.sampling import ddim_sample, few_step_sample
 from stepdistill.schedules import VPSchedule
 
@@ -66,7 +66,7 @@ def test_full_copy_is_deterministic_for_label_dropout_models():
     """diffusers' LabelEmbedding drops 10% of labels in train mode; a student copy must not."""
     from conftest import tiny_dit
 
-    from stepdistill.networks import full_copy
+    from stepdistill.training.networks import full_copy
 
     dit = tiny_dit().eval()
     student = full_copy(dit)

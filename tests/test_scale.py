@@ -11,9 +11,9 @@ import torch
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.contract import StepdistillError
-from stepdistill.memory import choose_attention
+from stepdistill.training.memory import choose_attention
 from stepdistill.plan import device_memory, estimate
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

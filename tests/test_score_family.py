@@ -20,7 +20,7 @@ from stepdistill.objectives.score_common import drop_to_null
 from stepdistill.objectives.sid import SiD
 from stepdistill.objectives.vsd import VSD
 from stepdistill.teachers import Teacher, _ddpm_schedule
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 from conftest import cond_for, tiny_dit, tiny_sana, tiny_sd3, tiny_unet2d, tiny_unet2d_condition
 
@@ -206,7 +206,7 @@ def test_dmd2_gan_needs_real_data_and_a_head():
     assert obj.trains == ("student", "fake_score", "gan_head") and obj.phase_updates("fake_score") == ("fake_score", "gan_head")
     info = Teacher("ring", teacher, lambda n, g: ({}, None), (2,), sample_data=lambda n, g, c=None: teacher.sample(n, g))
     head = obj.extra_networks(info)["gan_head"]
-    from stepdistill.networks import MLPDenoiser
+    from stepdistill.training.networks import MLPDenoiser
 
     mlp = MLPDenoiser((2,), sched, hidden=24, depth=2, num_classes=8)
     nets = Nets(teacher=teacher, student=student, fake_score=mlp, extra={"gan_head": head})
@@ -414,7 +414,7 @@ def test_every_recipe_parses(path, monkeypatch):
 @pytest.mark.parametrize("factory", [lambda: tiny_unet2d(num_classes=10), tiny_dit], ids=["unet2d", "dit"])
 def test_second_lora_adapter_gets_the_same_layers(factory):
     """LoRA student + LoRA fake score on one base: the second adapter must not miss the wrapped layers."""
-    from stepdistill.networks import add_lora
+    from stepdistill.training.networks import add_lora
 
     den = wrap(factory(), VP, "epsilon")
     student = add_lora(den, "student", 2, 2)

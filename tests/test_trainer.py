@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from stepdistill.checkpoint import latest_checkpoint
+from stepdistill.training.checkpoint import latest_checkpoint
 from stepdistill.config import load_config
 from stepdistill.contract import StepdistillError
-from stepdistill.trainer import NonFiniteError, Trainer
+from stepdistill.training.trainer import NonFiniteError, Trainer
 
 FAST = ["train.log_every=1", "train.sample_every=0", "train.batch_size=32", "train.num_sample_images=16",
         "student.fit_steps=50", "student.mlp_hidden=32", "fake_score.mlp_hidden=32"]

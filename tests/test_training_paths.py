@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_unet2d_condition
 from stepdistill.config import load_config
-from stepdistill.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 FAST = ["train.sample_every=0", "train.checkpoint_every=0", "train.log_every=1", "train.batch_size=16",
         "student.fit_steps=20", "student.mlp_hidden=32"]

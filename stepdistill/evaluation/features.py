@@ -56,7 +56,7 @@ class DigitsFeatures(nn.Module):
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
-        from ..metrics.digits_classifier import WEIGHTS_NAME, default_path, load_digits_classifier
+        from .digits_classifier import WEIGHTS_NAME, default_path, load_digits_classifier
 
         folder = Path(path or default_path())
         try:

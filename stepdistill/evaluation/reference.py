@@ -7,7 +7,7 @@ protocol: feature network hash and settings (resize, quantisation, dimension), t
 set and its size. Change any of them and the cache misses; nothing is pickled.
 
 Reference sets: ``digits`` (all 1797 scikit-learn digits at 16 x 16, preprocessed by
-``stepdistill.data.digits``), ``digits-train`` (1437), ``digits-test`` (360), or a folder of
+``stepdistill.training.data.digits``), ``digits-train`` (1437), ``digits-test`` (360), or a folder of
 PNG/JPEG images (all of one size).
 """
 
@@ -49,7 +49,7 @@ def default_cache_dir() -> Path:
 def load_real_images(name: str) -> tuple[Tensor, Tensor | None, str]:
     """(images [N, C, H, W] in [-1, 1], labels or None, a fingerprint of the source)."""
     if name in DIGITS_SETS:
-        from ..data.digits import load_digits_images
+        from ..training.data.digits import load_digits_images
 
         images, labels = load_digits_images(DIGITS_SETS[name], resolution=16)
         return images, labels, f"sklearn digits split={DIGITS_SETS[name]} split_seed=0 resolution=16 bilinear"
@@ -58,7 +58,7 @@ def load_real_images(name: str) -> tuple[Tensor, Tensor | None, str]:
         raise StepdistillError(f"--reference {name!r}: expected digits, digits-train, digits-test or an image folder")
     from PIL import Image
 
-    from ..data import load_image_folder
+    from ..training.data import load_image_folder
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:

@@ -9,7 +9,7 @@ processes. Its condition depends only on ``(base_seed, i)`` too:
   C classes, so any multiple of C samples is exactly balanced (within 1 otherwise), and the first
   n samples of a larger evaluation are the same n samples;
 * digit prompts: the label as above, plus a caption template drawn with the sample's own
-  generator (``stepdistill.data.digits.CAPTION_TEMPLATES``);
+  generator (``stepdistill.training.data.digits.CAPTION_TEMPLATES``);
 * a user prompt list: the same block permutation over the list.
 """
 
@@ -61,7 +61,7 @@ def balanced_indices(indices: list[int], count: int, base_seed: int) -> Tensor:
 
 def digit_prompts(labels: Tensor, indices: list[int], base_seed: int) -> list[str]:
     """A caption per (label, sample): template drawn with the sample's own generator."""
-    from ..data.digits import caption_for
+    from ..training.data.digits import caption_for
 
     return [caption_for(int(y), torch.Generator().manual_seed(base_seed + PROMPT_STREAM + i))
             for y, i in zip(labels, indices)]

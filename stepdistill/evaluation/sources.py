@@ -89,7 +89,7 @@ def teacher_prompts(teacher) -> str | None:
 
 
 def _cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | None]:
-    from ..data import _to
+    from ..training.data import _to
 
     if isinstance(conditioner, Prompts):
         if conds.prompts is None:
@@ -190,58 +190,6 @@ def _inner(module: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------ students
 
 
-def _student_state(ckpt: Path) -> tuple[dict, Path]:
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    order = state.get("module_order", [])
-    idx = next((i for i, names in enumerate(order) if "student" in names.split("+")), None)
-    if idx is None:
-        raise StepdistillError(f"checkpoint {ckpt} has no student network (module_order {order})")
-    return state, ckpt / f"model{'' if idx == 0 else f'_{idx}'}.safetensors"
-
-
-def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True):
-    """(teacher, student denoiser view, times, info) from a run directory's config and latest checkpoint."""
-    from safetensors.torch import load_file
-
-    from ..checkpoint import latest_checkpoint
-    from ..config import load_config
-    from ..networks import Net
-    from ..teachers import load_teacher
-    from ..trainer import build_networks, training_summary
-
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise StepdistillError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    prompts = None
-    if cfg.data.conditions.startswith("prompts:"):
-        from ..conditioning import read_prompt_file
-
-        prompts = read_prompt_file(cfg.data.conditions.removeprefix("prompts:"))
-    teacher = load_teacher(cfg.teacher.name, cfg.teacher.dtype, prompts)
-    student = build_networks(teacher, cfg.student, None, cfg.train.seed, log=lambda _m: None, fit=False)["student"]
-    state, weights = _student_state(ckpt)
-    saved = load_file(str(weights))
-    own = student.module.state_dict()
-    needed = [k for k in own if (student.adapter is None or (".student." in k and "lora_" in k))]
-    missing = [k for k in needed if k not in saved]
-    if missing:
-        raise StepdistillError(f"{weights} lacks {len(missing)} student weights (e.g. {missing[0]!r}); was it written by this run?")
-    student.module.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
-    ema_used = False
-    extra = load_file(str(ckpt / "extra.safetensors")) if (ckpt / "extra.safetensors").is_file() else {}
-    if use_ema and "ema.0" in extra:
-        for i, p in enumerate(student.params):
-            p.data.copy_(extra[f"ema.{i}"])
-        ema_used = True
-    student.module.to(device).eval().requires_grad_(False)
-    view = Net(student.module, teacher.denoiser.schedule, adapter=student.adapter)
-    info = {"checkpoint": str(ckpt), "step": state.get("step"), "ema": ema_used, "objective": state.get("objective", {}),
-            "student_init": cfg.student.init, "teacher": cfg.teacher.name, "training": training_summary(run_dir)}
-    return teacher, view, [float(t) for t in cfg.student.times], info
-
-
 def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float], generators: list[torch.Generator]) -> Tensor:
     """``sampling.few_step_sample`` with the re-noising noise of row b drawn from generators[b].
 
@@ -260,7 +208,10 @@ def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float],
 
 
 def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None) -> ModelSampler:
-    teacher, view, times, info = load_student(run_dir, device, use_ema)
+    from ..training.run import load_student
+
+    loaded = load_student(run_dir, device, use_ema)
+    teacher, view, times, info = loaded.teacher, loaded.view, loaded.times, loaded.info
     teacher.denoiser.to(device)
 
     @torch.no_grad()

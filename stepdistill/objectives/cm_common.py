@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..conditioning import concat_cond
 from ..contract import Cond, Denoiser, StepdistillError, expand_like
-from ..networks import unwrap
+from ..training.networks import unwrap
 from ..sampling import ddim_sample
 from .base import Batch, Nets
 

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from ..conditioning import concat_cond
 from ..contract import StepdistillError, add_noise, expand_like
-from ..features import capture, default_feature_layers, feature_dims
-from ..networks import unwrap
+from ..adapters.capture import capture, default_feature_layers, feature_dims
+from ..training.networks import unwrap
 from ..schedules import loss_weight
 from .base import Batch, LossOut, Nets
 from .dmd import DMD, _per_sample_mean

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import add_noise
-from ..features import capture, default_feature_layers, feature_dims
+from ..adapters.capture import capture, default_feature_layers, feature_dims
 from ..sampling import few_step_sample
 from .base import Batch, LossOut, Nets
 from .cm_common import CleanSamples

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import StepdistillError, expand_like
-from ..networks import unwrap
+from ..training.networks import unwrap
 from ..tangent import TANGENT_METHODS, directional_derivative
 from ..trigflow import TrigFlowView, trig_time, x0_to_F
 from .base import Batch, LossOut, Nets

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..contract import Cond, Denoiser, expand_like
-from ..networks import Net, unwrap
+from ..training.networks import Net, unwrap
 from ..sampling import few_step_sample
 from .base import Batch, Nets
 

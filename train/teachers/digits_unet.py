@@ -27,8 +27,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 import common
 import sample_teacher as st
-from stepdistill.data.digits import load_digits_images
-from stepdistill.metrics.digits_classifier import load_digits_classifier
+from stepdistill.training.data.digits import load_digits_images
+from stepdistill.evaluation.digits_classifier import load_digits_classifier
 
 NUM_CLASSES, NULL_CLASS, LABEL_DROPOUT = 10, 10, 0.1
 EMA_DECAY = 0.999

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from stepdistill.data.digits import CAPTION_TEMPLATES, DIGIT_WORDS, load_digits_images  # noqa: E402
-from stepdistill.metrics.digits_classifier import load_digits_classifier  # noqa: E402
+from stepdistill.training.data.digits import CAPTION_TEMPLATES, DIGIT_WORDS, load_digits_images  # noqa: E402
+from stepdistill.evaluation.digits_classifier import load_digits_classifier  # noqa: E402
 
 NULL_PROMPT = ""
 TOKENIZER_MAX_LENGTH = 16  # what digits-sd was trained with (see digits_sd.py)

@@ -2,7 +2,7 @@
 
     python train/teachers/train_classifier.py --out assets/feature_net
 
-A small CNN (stepdistill.metrics.digits_classifier.DigitsClassifier) on the 80/20 stratified
+A small CNN (stepdistill.evaluation.digits_classifier.DigitsClassifier) on the 80/20 stratified
 train split (seed 0) at 16x16, with light augmentation: random shifts of up to 2 pixels
 (one original 8x8 pixel) and a little Gaussian pixel noise, so that slightly imperfect
 generated digits are still read correctly. Reports held-out accuracy on the test split and
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from stepdistill.data.digits import load_digits_images
-from stepdistill.metrics.digits_classifier import DigitsClassifier, save_digits_classifier
+from stepdistill.training.data.digits import load_digits_images
+from stepdistill.evaluation.digits_classifier import DigitsClassifier, save_digits_classifier
 
 SPLIT_SEED = 0
 MAX_SHIFT = 2  # pixels at 16x16

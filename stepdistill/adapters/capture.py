@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .contract import StepdistillError
-from .networks import unwrap
+from ..contract import StepdistillError
+from ..training.networks import unwrap
 
 
 def _inner(module: nn.Module) -> nn.Module:

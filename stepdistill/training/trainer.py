@@ -14,98 +14,19 @@ import math
 import signal
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import RunConfig, save_config, to_dict
+from ..contract import StepdistillError
+from ..sampling import few_step_sample
+from ..viz import save_samples
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trim_lora_weights
-from .config import NetworkConfig, RunConfig, save_config, to_dict
-from .contract import StepdistillError
 from .data import BatchSampler, load_real
-from .networks import MLPDenoiser, Net, add_lora, fit_to_teacher, full_copy, unwrap
-from .objectives.base import Nets
-from .sampling import few_step_sample
-from .teachers import Teacher, load_teacher
-from .viz import save_samples
-
-
-@dataclass
-class Trainable:
-    """A network the objective trains: the module that owns its weights and its parameters."""
-
-    name: str
-    module: nn.Module  # for LoRA, the shared base (also owned by the other adapter)
-    params: list[nn.Parameter]
-    cfg: NetworkConfig
-    adapter: str | None = None  # LoRA adapter name, None for a full network
-    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
-    scheduler: object = field(default=None, repr=False)
-
-
-# ----------------------------------------------------------------------------------- networks
-
-
-def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log, fit: bool = True) -> nn.Module:
-    net = MLPDenoiser(teacher.sample_shape, teacher.denoiser.schedule, cfg.mlp_hidden, cfg.mlp_depth, teacher.num_classes)
-    if not fit:  # resuming: the weights come from the checkpoint
-        return net
-    g = torch.Generator().manual_seed(seed)
-    loss = fit_to_teacher(net, teacher.denoiser, teacher.sample_data, teacher.conditioner, cfg.fit_steps,
-                          lr=cfg.fit_lr, generator=g)
-    log(f"fitted an MLP denoiser to the teacher: {cfg.fit_steps} steps, final x0-MSE {loss:.4g}")
-    return net
-
-
-def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None, seed: int, log=print, fit: bool = True):
-    """Trainables for the student and (optionally) the fake score; ``fit=False`` skips the
-    denoising fit of init=fit networks (their weights are about to be loaded)."""
-    base = teacher.denoiser
-    is_analytic = teacher.sample_data is not None
-    for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
-        if cfg is None:
-            continue
-        if cfg.init not in ("copy", "lora", "fit"):
-            raise StepdistillError(f"{name}.init must be copy, lora or fit, got {cfg.init!r}")
-        if is_analytic and cfg.init != "fit":
-            raise StepdistillError(f"{name}.init={cfg.init}: the analytic teacher has no weights to copy; use {name}.init=fit")
-        if not is_analytic and cfg.init == "fit":
-            raise StepdistillError(f"{name}.init=fit is for analytic teachers (no weights); {teacher.name} has weights: use {name}.init=copy or lora")
-    trainables: dict[str, Trainable] = {}
-    fitted = None
-    for name, cfg in (("student", student_cfg), ("fake_score", fake_cfg)):
-        if cfg is None:
-            continue
-        if cfg.init == "lora":
-            params = add_lora(base, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or None)
-            trainables[name] = Trainable(name, base, params, cfg, adapter=name)
-        else:
-            if cfg.init == "fit":
-                fitted = fitted or _fit_network(teacher, cfg, seed, log, fit)
-                module = full_copy(fitted)
-            else:
-                module = full_copy(base)
-            trainables[name] = Trainable(name, module, list(module.parameters()), cfg)
-    base.requires_grad_(False)  # the teacher's own weights never train
-    for tr in trainables.values():
-        for p in tr.params:
-            p.requires_grad_(True)
-    return trainables
-
-
-def make_views(teacher: Teacher, trainables: dict[str, Trainable], times) -> Nets:
-    """Callable denoiser views over the (prepared) modules."""
-    schedule = teacher.denoiser.schedule
-    uses_lora = any(t.adapter for t in trainables.values())
-    shared = next((t.module for t in trainables.values() if t.adapter), teacher.denoiser)
-    teacher_view = Net(shared, schedule, adapter="") if uses_lora else teacher.denoiser
-
-    def view(name):
-        tr = trainables.get(name)
-        return None if tr is None else Net(tr.module, schedule, adapter=tr.adapter)
-
-    return Nets(teacher=teacher_view, student=view("student"), student_times=tuple(times), fake_score=view("fake_score"))
+from .networks import Net, unwrap
+from .run import Trainable, build_run, swapped
 
 
 def _optimizer(tr: Trainable, total_updates: int):
@@ -190,21 +111,18 @@ class Trainer:
 
         set_seed(tc.seed)  # network initialisation (e.g. the MLP denoisers) is seeded too
         self.objective = cfg.objective
-        self.teacher = self._load_teacher()
-        fake_cfg = cfg.fake_score if "fake_score" in self.objective.trains else None
-        self.trainables = build_networks(self.teacher, cfg.student, fake_cfg, tc.seed, self.log, fit=not resume)
-        self._add_extra_networks()
+        run = build_run(cfg, self.device, self.log, fit=not resume)
+        self.run_parts, self.teacher, self.trainables = run, run.teacher, run.trainables
         self._memory_levers()
         self._prepare()
-        self.nets = make_views(self.teacher, self.trainables, self._student_times())
-        self.nets.extra = {n: tr.module for n, tr in self.trainables.items() if n not in ("student", "fake_score")}
+        self.nets = run.views()  # over the prepared modules
         rank = self.accelerator.process_index
         real = load_real(cfg.data.real, self.teacher, self.teacher.sample_shape)
         self.sampler = BatchSampler(self.teacher.conditioner, self.teacher.sample_shape, tc.batch_size,
                                     tc.seed * 1000 + rank + 1, self.device, real)
         self.rng = torch.Generator().manual_seed(tc.seed * 1000 + rank + 500_000)
         self.ema = self._make_ema()
-        self.nets.ema_weights = None if self.ema is None else _ema_weights(self.ema, self.trainables["student"].params)
+        self.nets.ema_weights = None if self.ema is None else self.ema_weights()
         self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), 0
         self.updates = defaultdict(int)
         self._stop_signal = None
@@ -238,28 +156,6 @@ class Trainer:
             if diff:
                 raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])} differ from {self.run_dir}/config.yaml")
 
-    def _load_teacher(self) -> Teacher:
-        prompts = None
-        spec = self.cfg.data.conditions
-        if spec.startswith("prompts:"):
-            from .conditioning import read_prompt_file
-
-            prompts = read_prompt_file(spec.removeprefix("prompts:"))
-        elif spec not in ("auto", "class_labels", "none"):
-            raise StepdistillError(f"data.conditions must be auto, class_labels, none or prompts:<file>, got {spec!r}")
-        teacher = load_teacher(self.cfg.teacher.name, self.cfg.teacher.dtype, prompts)
-        if spec == "none":
-            from .conditioning import Unconditional
-
-            teacher.conditioner = Unconditional()
-        elif spec == "class_labels" and not teacher.num_classes:
-            raise StepdistillError(f"data.conditions=class_labels, but teacher {teacher.name!r} is not class-conditional")
-        if not self.cfg.teacher.offload:
-            teacher.denoiser.to(self.device)
-        if hasattr(teacher.conditioner, "device"):
-            teacher.conditioner.device = self.device
-        return teacher
-
     def _memory_levers(self) -> None:
         """Attention backend, gradient checkpointing of the trained networks, teacher CPU offload."""
         from .memory import enable_gradient_checkpointing, offload_teacher, set_attention_backend
@@ -275,34 +171,6 @@ class Trainer:
             if any(tr.adapter for tr in self.trainables.values()):
                 raise StepdistillError("teacher.offload=true needs full-copy networks: with LoRA the teacher's base is the trained networks' base")
             self.log(offload_teacher(self.teacher.denoiser, self.device))
-
-    def _add_extra_networks(self) -> None:
-        """Networks the objective builds itself (discriminator heads), trained with ``cfg.discriminator``."""
-        build = getattr(self.objective, "extra_networks", None)
-        if build is None:
-            return
-        for name, module in build(self.teacher).items():
-            if name in self.trainables or name not in self.objective.trains:
-                raise StepdistillError(f"objective network {name!r} clashes with another network or is missing from its trains")
-            module = module.to(self.device).float().requires_grad_(True)
-            self.trainables[name] = Trainable(name, module, list(module.parameters()), self.cfg.discriminator)
-
-    def _student_times(self) -> list[float]:
-        times = [float(t) for t in self.cfg.student.times]
-        if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
-            raise StepdistillError(f"student.times must be strictly decreasing values in (0, 1], got {times}")
-        schedule = self.teacher.denoiser.schedule
-        if getattr(schedule, "kind", "") == "vp" and hasattr(schedule, "num_train_timesteps"):
-            # VP students generate at the teacher's integer timesteps, so exported schedulers replay them exactly
-            last = schedule.num_train_timesteps - 1
-            snapped = [round(t * last) / last for t in times]
-            if len(set(snapped)) < len(snapped):
-                raise StepdistillError(f"student.times {times} collide on the teacher's {last + 1} integer timesteps")
-            if any(abs(a - b) > 1e-9 for a, b in zip(times, snapped)):
-                self.log(f"student times {times} snapped to the teacher's integer timesteps: "
-                         f"{[round(t * last) for t in times]} (t = {[round(t, 6) for t in snapped]})")
-            times = snapped
-        return times
 
     def _prepare(self) -> None:
         """Optimizers per network; prepare each owning module once (the teacher never)."""
@@ -336,6 +204,10 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         return EMAModel(self.trainables["student"].params, decay=decay, use_ema_warmup=False, foreach=False)
+
+    def ema_weights(self):
+        """A context in which the student's parameters hold their EMA."""
+        return swapped(self.trainables["student"].params, self.ema.shadow_params)
 
     # -- one update ------------------------------------------------------------------------------
 
@@ -508,7 +380,7 @@ class Trainer:
         student = self.trainables["student"]
         # unwrapped: DDP's forward is a collective (buffer broadcast), and only rank 0 samples
         view = Net(unwrap(student.module), self.teacher.denoiser.schedule, adapter=student.adapter)
-        ctx = _ema_weights(self.ema, student.params) if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        ctx = self.ema_weights() if (use_ema and self.ema is not None) else contextlib.nullcontext()
         with ctx:
             x = few_step_sample(view, noise, cond, self.nets.student_times, g)
         return x
@@ -554,22 +426,6 @@ class Trainer:
         self.log(f"resumed from {ckpt} at round {self.step}")
 
 
-class _ema_weights:
-    """Temporarily swap EMA weights into the parameters."""
-
-    def __init__(self, ema, params):
-        self.ema, self.params = ema, params
-
-    def __enter__(self):
-        self.backup = [p.detach().clone() for p in self.params]
-        self.ema.copy_to(self.params)
-
-    def __exit__(self, *a):
-        for p, b in zip(self.params, self.backup):
-            p.data.copy_(b)
-        return False
-
-
 def training_summary(run_dir: str | Path) -> dict | None:
     """Rounds and wall-clock seconds of a run, from its ``metrics.jsonl`` (resumed segments summed).
 
@@ -597,4 +453,4 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False, progress
     return Trainer(cfg, Path(output_dir), resume=resume, progress=progress).run()
 
 
-__all__ = ["Trainer", "train", "build_networks", "make_views", "Trainable", "unwrap"]
+__all__ = ["Trainer", "train", "training_summary"]

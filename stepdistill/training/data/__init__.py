@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..contract import StepdistillError
-from ..objectives.base import Batch
+from ...contract import StepdistillError
+from ...objectives.base import Batch
 
 
 class RealData:

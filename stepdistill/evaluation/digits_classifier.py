@@ -73,10 +73,10 @@ class DigitsClassifier(nn.Module):
 
 
 def default_path() -> Path:
-    """assets/feature_net of this checkout, or $STEPDISTILL_ASSETS/feature_net."""
-    env = os.environ.get("STEPDISTILL_ASSETS")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "assets"
-    return root / "feature_net"
+    """The packaged digits feature network (or $STEPDISTILL_ASSETS/feature_net)."""
+    from ..resources import assets_dir
+
+    return assets_dir() / "feature_net"
 
 
 def read_config(path: str | Path | None = None) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .contract import StepdistillError
+from ..contract import StepdistillError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -121,3 +121,23 @@ def load_checkpoint(accelerator, ckpt: Path, lora_modules: set[int] = frozenset(
     _check_trimmed(accelerator, ckpt, set(lora_modules))
     accelerator.load_state(str(ckpt), strict=False)  # checked above: only the frozen LoRA base keys are absent
     return state, load_file(str(ckpt / "extra.safetensors"))
+
+
+def read_student_weights(ckpt: Path, needed: list[str]) -> tuple[dict, dict, list | None]:
+    """(trainer state, the student module's saved weights, EMA weights or None) from one checkpoint.
+
+    ``needed``: the keys the student must find (a LoRA student: its adapter keys only).
+    """
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    order = state.get("module_order", [])
+    idx = next((i for i, names in enumerate(order) if "student" in names.split("+")), None)
+    if idx is None:
+        raise StepdistillError(f"checkpoint {ckpt} has no student network (module_order {order})")
+    weights = ckpt / f"model{'' if idx == 0 else f'_{idx}'}.safetensors"
+    saved = load_file(str(weights))
+    missing = [k for k in needed if k not in saved]
+    if missing:
+        raise StepdistillError(f"{weights} lacks {len(missing)} student weights (e.g. {missing[0]!r}); was it written by this run?")
+    extra = load_file(str(ckpt / "extra.safetensors")) if (ckpt / "extra.safetensors").is_file() else {}
+    ema = [extra[f"ema.{i}"] for i in range(len([k for k in extra if k.startswith("ema.")]))] if "ema.0" in extra else None
+    return state, saved, ema

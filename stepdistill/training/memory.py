@@ -22,7 +22,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from .contract import StepdistillError
+from ..contract import StepdistillError
 from .networks import _tuner_layers, unwrap
 
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers")

@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Cond, NoiseSchedule, StepdistillError, add_noise, as_time, expand_like
+from ..contract import Cond, NoiseSchedule, StepdistillError, add_noise, as_time, expand_like
 
-LORA_TARGETS = (  # LCM-LoRA's UNet set plus the usual transformer projections
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
+from ..adapters.families import LORA_TARGETS  # noqa: E402  (the default set; families may name their own)
 
 
 class MLPDenoiser(nn.Module):
@@ -103,13 +100,13 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
             layer._active_adapter = [name]
 
 
-def default_lora_targets(model: nn.Module) -> list[str]:
-    """LORA_TARGETS present in the model, else every Linear layer (e.g. the toy MLP)."""
+def default_lora_targets(model: nn.Module, candidates: Sequence[str] = LORA_TARGETS) -> list[str]:
+    """The candidate targets (a family's ``lora_targets``) present in the model, else every Linear layer (the toy MLP)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     # layers already wrapped by another adapter (student + fake score on one base) count as their base layer
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, BaseTunerLayer))]
-    found = sorted({t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)})
+    found = sorted({t for t in candidates if any(n == t or n.endswith("." + t) for n in names)})
     inner = (".base_layer", ".lora_A.", ".lora_B.")  # peft's own submodules are never targets
     return found or [n for n, m in model.named_modules()
                      if isinstance(m, (nn.Linear, BaseTunerLayer)) and not any(s in n + "." for s in inner)]
@@ -193,3 +190,21 @@ def fit_to_teacher(
             progress()
     tail = losses[-max(1, steps // 10):]
     return sum(tail) / len(tail)
+
+
+def merged_model(model: nn.Module, adapter: str | None) -> nn.Module:
+    """A plain diffusers model with LoRA adapter ``adapter`` merged into the base weights (peft's own merge)."""
+    if adapter is None:
+        return copy.deepcopy(model)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    work = copy.deepcopy(model)
+    for layer in work.modules():
+        if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "lora_A", {}):
+            layer.merge(adapter_names=[adapter])
+    state = {key.replace(".base_layer.", "."): value for key, value in work.state_dict().items() if "lora_" not in key}
+    plain = type(model).from_config(model.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StepdistillError(f"merging the LoRA student failed: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    return plain.to(next(model.parameters()).dtype)

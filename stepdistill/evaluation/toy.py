@@ -39,7 +39,7 @@ def ring_convergence(recipe: str, run_dir, samples: int = 4000) -> tuple[float, 
     import time
 
     from ..config import load_config
-    from ..trainer import Trainer
+    from ..training.trainer import Trainer
 
     cfg = load_config(recipe, ["train.sample_every=0", "train.checkpoint_every=0", "train.log_every=100000"])
     trainer = Trainer(cfg, run_dir, progress=False)
