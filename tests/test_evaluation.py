@@ -322,7 +322,9 @@ def test_latent_text_teacher_with_prompts_and_vae(tmp_path):
                          attention_head_dim=2).save_pretrained(folder / "unet")
     AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4).save_pretrained(folder / "vae")
     DDPMScheduler().save_pretrained(folder / "scheduler")
-    (folder / "stepdistill_teacher.json").write_text(json.dumps({"recommended_guidance_scale": 3.0}))
+    from conftest import minilm_text_side
+
+    minilm_text_side(folder, {"recommended_guidance_scale": 3.0})
     sampler = teacher_sampler(load_teacher(str(folder)), "dpm++", 2)
     assert sampler.prompts == "digits" and sampler.guidance_scale == 3.0
     conds = make_conditions(4, 0, prompts="digits")

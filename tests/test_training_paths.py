@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_unet2d_condition
+from conftest import minilm_text_side, tiny_unet2d_condition
 from stepdistill.config import load_config
 from stepdistill.training.trainer import Trainer
 
@@ -54,6 +54,7 @@ def test_text_teacher_with_prompt_file_and_lora(tmp_path):
     unet = tiny_unet2d_condition()
     UNet2DConditionModel.from_config(dict(unet.config, cross_attention_dim=384)).save_pretrained(folder / "unet")
     DDPMScheduler().save_pretrained(folder / "scheduler")
+    minilm_text_side(folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit three\n\nthe number 7, written by hand\n")
     tr, summary = run(tmp_path, f"teacher.name={folder}", f"data.conditions=prompts:{prompts}", "student.init=lora",
