@@ -35,16 +35,15 @@ import json
 import re
 from pathlib import Path
 
-import torch
 
 from .adapters.families import ExportJob
 from .adapters.families.sd import lcm_grid
 from .contract import StepdistillError
 from .resources import pipeline_file
+from .teachers import DTYPES
 from .training.networks import merged_model as merged_student
 
 PIPELINE_FILE = pipeline_file()
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONSISTENCY_OBJECTIVES = ("lcm", "scm")
 
 

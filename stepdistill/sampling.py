@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,13 +31,16 @@ def few_step_sample(
     generator: torch.Generator | None = None,
     grad: bool = False,
     stop_after: int | None = None,
+    noise_fn: Callable[[tuple[int, ...]], Tensor] | None = None,
 ) -> Tensor:
     """K-step generation at fixed times (descending), input pure noise at ``times[0]``.
 
     Args:
         noise: [B, ...] unit Gaussian noise, the generator's input.
         times: continuous times t_0 > t_1 > ... (one entry = one-step generator).
-        generator: RNG for the re-noising between steps.
+        generator: RNG for the re-noising between steps (CPU draws, as the exported pipelines).
+        noise_fn: the re-noising noise source instead of ``generator`` (shape -> [B, ...] tensor;
+            e.g. one generator per sample, so samples do not depend on the batch).
         grad: build a graph through the last evaluated step only (earlier steps run without
             grad: backward simulation as in DMD2).
         stop_after: evaluate only steps 0..stop_after (default: all) and return that x0_hat.
@@ -51,7 +54,8 @@ def few_step_sample(
         with torch.set_grad_enabled(grad and k == last):
             x0 = student(x, t, cond)
         if k < last:
-            z = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+            z = noise_fn(tuple(x.shape)) if noise_fn else torch.randn(x.shape, generator=generator, device="cpu")
+            z = z.to(x.device, x.dtype)
             x = add_noise(student.schedule, x0.detach(), z, as_time(times[k + 1], x))
     return x0
 

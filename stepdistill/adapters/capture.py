@@ -23,13 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import StepdistillError
-from ..training.networks import unwrap
+from ..training.networks import inner_model
 
 
-def _inner(module: nn.Module) -> nn.Module:
-    """The network that owns the layers: unwrap DDP/compile and the contract adapter."""
-    module = unwrap(module)
-    return getattr(module, "model", module) if hasattr(module, "schedule") else module
+_inner = inner_model  # the network that owns the layers
 
 
 def default_feature_layers(module: nn.Module) -> list[str]:

@@ -12,7 +12,6 @@ arguments, the data split seed and the measured held-out accuracy), trained by
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import ClassLabels, Prompts, concat_cond
-from ..contract import StepdistillError, add_noise, as_time
+from ..contract import StepdistillError, as_time
 from .seeding import Conditions, per_sample_randn, sample_generators
 
 VP_SOLVERS = {
@@ -184,7 +184,9 @@ def _finish(teacher, x: Tensor) -> Tensor:
 
 def _inner(module: nn.Module) -> nn.Module:
     """The diffusers network inside a contract adapter (what NFE counts)."""
-    return getattr(module, "model", module)
+    from ..training.networks import inner_model
+
+    return inner_model(module)
 
 
 # ------------------------------------------------------------------------------------ students
@@ -196,15 +198,9 @@ def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float],
     Equal to ``few_step_sample(student, noise[b:b+1], cond_b, times, generators[b])`` row by row
     (tested), so multi-step students do not depend on the batch size either.
     """
-    from ..sampling import init_noise_sigma
+    from ..sampling import few_step_sample
 
-    x = noise * init_noise_sigma(student.schedule)
-    for k, t in enumerate(times):
-        x0 = student(x, as_time(t, x), cond)  # [B, ...]
-        if k < len(times) - 1:
-            z = per_sample_randn(generators, tuple(x.shape[1:])).to(x.device, x.dtype)
-            x = add_noise(student.schedule, x0.detach(), z, as_time(times[k + 1], x))
-    return x0
+    return few_step_sample(student, noise, cond, times, noise_fn=lambda shape: per_sample_randn(generators, shape[1:]))
 
 
 def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None) -> ModelSampler:

@@ -64,6 +64,12 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
+def inner_model(module: nn.Module) -> nn.Module:
+    """The network that owns the weights: unwrap DDP/FSDP/compile, then the contract adapter (``.model``)."""
+    module = unwrap(module)
+    return getattr(module, "model", module) if hasattr(module, "schedule") else module
+
+
 class Net:
     """A named denoiser view: calls ``module`` (possibly accelerate-prepared) with one LoRA
     adapter active, all adapters off (``adapter=""``: the shared base = the teacher), or no

@@ -19,7 +19,7 @@ from ..config import NetworkConfig, RunConfig, load_config
 from ..contract import StepdistillError
 from ..objectives.base import Nets
 from ..teachers import Teacher, load_teacher
-from .networks import MLPDenoiser, Net, add_lora, fit_to_teacher, full_copy, unwrap
+from .networks import MLPDenoiser, Net, add_lora, fit_to_teacher, full_copy, inner_model
 
 
 @dataclass
@@ -211,18 +211,16 @@ class LoadedStudent:
         """A plain diffusers network with the student's weights (LoRA merged)."""
         from .networks import merged_model
 
-        module = unwrap(self.trainable.module)
-        return merged_model(getattr(module, "model", module), self.trainable.adapter)
+        return merged_model(inner_model(self.trainable.module), self.trainable.adapter)
 
     def lora_state(self) -> dict | None:
         """peft-format adapter weights (``<module>.lora_A.weight``), or None for a full network."""
         tr = self.trainable
         if tr.adapter is None:
             return None
-        module = unwrap(tr.module)
         tag = f".{tr.adapter}."
         state = {k.replace(tag, "."): v.detach().float().cpu().contiguous()
-                 for k, v in getattr(module, "model", module).state_dict().items() if "lora_" in k and tag in k}
+                 for k, v in inner_model(tr.module).state_dict().items() if "lora_" in k and tag in k}
         if not state:
             raise StepdistillError(f"the student has no LoRA weights under adapter {tr.adapter!r}")
         return state
