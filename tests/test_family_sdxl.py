@@ -20,7 +20,10 @@ from stepdistill.export import export_run
 PROMPTS = ["a red cube on a table", "a photo of a cat"]
 FOUR = [1.0, 0.75, 0.5, 0.25]  # snaps to [999, 749, 499, 249] = LCMScheduler's 4-step grid
 LATENT, SCALE = 8, 2  # 8x8 latents, VAE with two levels: trained (and sampled) at 16x16 px
-FAST = ("objective.critic_ratio=1", "data.real=")  # data.real=: no real data (the harness passes "none", read as a folder)
+# CPU-sized: fp32 (the recipe's bf16 is for GPUs), one critic update per round, no real data
+# ("data.real=": the harness passes "none", which load_real reads as an image folder)
+CPU = ("data.real=", "teacher.dtype=fp32", "train.mixed_precision='no'", "train.gradient_checkpointing=false")
+FAST = ("objective.critic_ratio=1", *CPU)
 
 
 def tiny_sdxl_pipeline():
@@ -124,14 +127,20 @@ def test_stock_pipeline_replays_the_student(tmp_path, sdxl_dir, times):
     meta = export_run(run, out)
     assert meta["pipeline"] == "StableDiffusionXLPipeline" and meta["scheduler"] == "LCMScheduler"
     assert json.loads((out / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code" not in card and f"num_inference_steps={len(times)}, height=16, width=16," in card
     stock = fh.stock_latents(out, "StableDiffusionXLPipeline", _call(len(times), PROMPTS), tmp_path / "stock.safetensors")
     ours = fh.toolkit_latents(run, _pipeline_cond(_stock_pipe(out), PROMPTS), seed=0)
     assert stock.shape == ours.shape == (2, 4, LATENT, LATENT)
     assert (stock - ours).abs().max() <= fh.TOL
     # CFG cannot switch on by accident: the zero guidance projection turns it off at any guidance_scale
-    again = fh.stock_latents(out, "StableDiffusionXLPipeline", _call(len(times), PROMPTS, guidance=7.5),
-                             tmp_path / "again.safetensors")
-    assert (again - stock).abs().max() <= fh.TOL
+    pipe = _stock_pipe(out)
+    kwargs = dict(num_inference_steps=len(times), height=LATENT * SCALE, width=LATENT * SCALE, output_type="latent")
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs).images
+    guided = pipe(PROMPTS, guidance_scale=7.5, negative_prompt=["a dog", ""], generator=torch.Generator().manual_seed(0),
+                  **kwargs).images
+    assert (plain - stock).abs().max() <= fh.TOL and (guided - plain).abs().max() <= fh.TOL
+    print(f"sdxl {len(times)}-step: stock vs toolkit max abs {(stock - ours).abs().max():.2e}")
 
 
 def test_lora_student_round_trips_through_load_lora_weights(tmp_path, sdxl_dir):
@@ -153,6 +162,8 @@ def test_lora_student_round_trips_through_load_lora_weights(tmp_path, sdxl_dir):
     teacher.load_lora_weights(out / "lora")
     lora = teacher(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs).images
     assert (lora - ours).abs().max() <= fh.TOL
+    print(f"sdxl lora: merged {(merged - ours).abs().max():.2e}, load_lora_weights {(lora - ours).abs().max():.2e}, "
+          f"teacher without adapter {(base - ours).abs().max():.2e}")
     assert (base - ours).abs().max() > 1e-3, "the adapter must change the teacher's output"
 
 
@@ -172,3 +183,24 @@ def test_plan_dummy_cond_runs_the_network(sdxl_dir):
     cond = record.dummy_cond(dict(unet.config), 2)
     out = record.call(unet, torch.randn(2, 4, LATENT, LATENT), torch.tensor([999, 999]), cond)
     assert out.shape == (2, 4, LATENT, LATENT)
+
+
+def test_lcm_lora_recipe_exports_other_step_counts(tmp_path, sdxl_dir):
+    """sdxl/lcm (LCM-LoRA) trains; its consistency student exports at 2 steps and the stock folder replays it."""
+    from stepdistill.sampling import few_step_sample
+    from stepdistill.training.run import load_student
+
+    run = fh.train(tmp_path, sdxl_dir, "sdxl/lcm", [1.0], PROMPTS, *CPU, "objective.synthetic_pool=2",
+                   "objective.synthetic_steps=2", "student.lora_rank=2", "student.lr=1e-2")
+    out = tmp_path / "export"
+    meta = export_run(run, out, steps=[2], lora=True)
+    assert meta["steps"] == [2] and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = _stock_pipe(out)
+    stock = pipe(PROMPTS, num_inference_steps=2, height=16, width=16, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+    student = load_student(run)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(PROMPTS), *student.teacher.sample_shape, generator=g)
+    with torch.no_grad():
+        ours = few_step_sample(student.view, noise, _pipeline_cond(pipe, PROMPTS), meta["student_times"]["2"], g)
+    assert (stock - ours).abs().max() <= fh.TOL
