@@ -32,6 +32,7 @@ the next time with fresh noise from the call's generator (``stepdistill.sampling
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, l
         elif set(re.split(r"[^a-z0-9]+", objective)) & set(CONSISTENCY_OBJECTIVES):  # lcm, scm, compose(scm+ladd)
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
             ts = [top * (n - k) / n for k in range(n)]
-            out[n] = [round(t * last) / last for t in ts] if last else ts
+            out[n] = [math.floor(t * last + 1e-6) / last for t in ts] if last else ts  # floor, as run.student_times: LCM's grid
         else:
             raise StepdistillError(f"--steps {n}: this {objective} student was trained for {len(run_times)} step(s) at "
                                    f"times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
@@ -131,11 +132,12 @@ def model_card(meta: dict, out: Path) -> str:
     """The exported folder's README.md."""
     steps = meta["steps"]
     n = steps[0]
-    if meta["pipeline"] == "StableDiffusionPipeline":
+    if meta["pipeline"] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        size = f" height={meta['height']}, width={meta['width']}," if meta.get("height") else ""  # SDXL: the training resolution
         load = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{out}\"" +
                 ("" if meta.get("text_encoder_in_folder") else ", text_encoder=text_encoder") + ")\n"
-                f"image = pipe(\"a handwritten digit seven\", num_inference_steps={n},\n"
+                f"image = pipe(\"a handwritten digit seven\", num_inference_steps={n},{size}\n"
                 "             generator=torch.Generator().manual_seed(0)).images[0]")
         extra = ("" if meta.get("text_encoder_in_folder") else
                  "\nThe text encoder is not in this folder (the teacher's comes from a package): load it first, e.g. for "

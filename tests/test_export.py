@@ -234,6 +234,7 @@ def test_step_counts_a_student_can_export():
 
     assert _times_for([1], (0.95,), "dmd") == {1: [0.95]}
     assert _times_for([2, 4], (1.0,), "compose(scm+ladd)") == {2: [1.0, 0.5], 4: [1.0, 0.75, 0.5, 0.25]}
-    assert _times_for([2], (0.95,), "lcm", last=999)[2] == [949 / 999, 475 / 999]  # snapped to the VP grid
+    assert _times_for([2], (0.95,), "lcm", last=999)[2] == [949 / 999, 474 / 999]  # snapped to the VP grid (floor)
+    assert _times_for([2, 4], (1.0,), "lcm", last=999) == {2: [1.0, 499 / 999], 4: [1.0, 749 / 999, 499 / 999, 249 / 999]}
     with pytest.raises(StepdistillError, match="only consistency students"):
         _times_for([2], (0.95,), "compose(dmd2+ladd)")
