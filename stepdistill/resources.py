@@ -1,27 +1,39 @@
 """Where packaged data lives: embedded teachers and feature network, recipes, the pipeline file.
 
 Every lookup goes through here. ``STEPDISTILL_ASSETS`` and ``STEPDISTILL_RECIPES`` override the
-assets and recipes folders; otherwise the copies inside the installed package are used (a wheel
-carries them), falling back to the top-level folders of a source checkout.
+assets and recipes folders; otherwise the data packages ``stepdistill._assets``,
+``stepdistill._recipes`` and ``stepdistill._pipelines`` are used (pyproject.toml maps them from the
+top-level ``assets/``, ``train/recipes/`` and ``pipelines/`` at build time, so a wheel carries them
+and an editable install points at the checkout), falling back to those top-level folders when
+stepdistill runs from a checkout on PYTHONPATH.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from importlib import resources
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _packaged(package: str, checkout_folder: str) -> Path:
+    """The folder of data package ``package`` (mapped from ``checkout_folder`` by pyproject.toml), else the checkout's.
+
+    The data folders have no ``__init__.py``, so they are namespace packages: the folder is the
+    first real directory among the locations of the package's import spec (the site-packages copy
+    of a wheel, or the checkout folder an editable install maps it to). Not
+    ``importlib.resources.files``: under setuptools' editable finder it raises NotADirectoryError
+    for namespace packages, and elsewhere it gives a MultiplexedPath rather than a Path.
+    """
     try:
-        path = Path(str(resources.files(package)))
-        if path.is_dir():
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return _CHECKOUT / checkout_folder
+        spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or ()) if spec else ():
+        if Path(location).is_dir():
+            return Path(location)
+    return _CHECKOUT / checkout_folder  # a plain checkout on PYTHONPATH: the package exists only once built
 
 
 def assets_dir() -> Path:
