@@ -1,11 +1,11 @@
 """Where packaged data lives: embedded teachers and feature network, recipes, the pipeline file.
 
 Every lookup goes through here. ``STEPDISTILL_ASSETS`` and ``STEPDISTILL_RECIPES`` override the
-assets and recipes folders; otherwise the data packages ``stepdistill._assets``,
-``stepdistill._recipes`` and ``stepdistill._pipelines`` are used (pyproject.toml maps them from the
-top-level ``assets/``, ``train/recipes/`` and ``pipelines/`` at build time, so a wheel carries them
-and an editable install points at the checkout), falling back to those top-level folders when
-stepdistill runs from a checkout on PYTHONPATH.
+assets and recipes folders. Otherwise, when this module runs from a source checkout (a
+``pyproject.toml`` beside ``stepdistill/``: PYTHONPATH or an editable install), the checkout's own
+top-level ``assets/``, ``train/recipes/`` and ``pipelines/`` are used; an installed wheel carries
+them as the data packages ``stepdistill._assets``, ``stepdistill._recipes`` and
+``stepdistill._pipelines`` (pyproject.toml maps the folders into the package at build time).
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _packaged(package: str, checkout_folder: str) -> Path:
-    """The folder of data package ``package`` (mapped from ``checkout_folder`` by pyproject.toml), else the checkout's.
+    """The checkout's ``checkout_folder`` when running from a checkout, else the data package's folder.
 
-    The data folders have no ``__init__.py``, so they are namespace packages: the folder is the
-    first real directory among the locations of the package's import spec (the site-packages copy
-    of a wheel, or the checkout folder an editable install maps it to). Not
-    ``importlib.resources.files``: under setuptools' editable finder it raises NotADirectoryError
-    for namespace packages, and elsewhere it gives a MultiplexedPath rather than a Path.
+    The checkout comes first so that a worktree on PYTHONPATH reads its own files, not those of
+    another checkout installed editable in the same venv. The data folders have no ``__init__.py``:
+    they are namespace packages, whose folder is the first real directory among the locations of
+    their import spec (not ``importlib.resources.files``, which gives a MultiplexedPath for them).
     """
+    local = _CHECKOUT / checkout_folder
+    if (_CHECKOUT / "pyproject.toml").is_file() and local.is_dir():
+        return local
     try:
         spec = importlib.util.find_spec(package)
     except ModuleNotFoundError:
@@ -33,7 +35,7 @@ def _packaged(package: str, checkout_folder: str) -> Path:
     for location in (spec.submodule_search_locations or ()) if spec else ():
         if Path(location).is_dir():
             return Path(location)
-    return _CHECKOUT / checkout_folder  # a plain checkout on PYTHONPATH: the package exists only once built
+    return local  # not found anywhere: callers report the missing folder by this path
 
 
 def assets_dir() -> Path:
