@@ -40,8 +40,8 @@ def _cmd_recipes(args) -> int:
 
     names = list_recipes()
     if not names:
-        print(f"no recipes found under {recipes_dir()}")
-        return 0
+        raise StepdistillError(f"no recipes found under {recipes_dir()}: reinstall stepdistill (the wheel ships them) "
+                               "or set STEPDISTILL_RECIPES to a folder of <teacher>/<objective>.yaml")
     for name in names:
         print(name)
     return 0

