@@ -153,3 +153,62 @@ def test_lora_student_loads_on_the_teacher_folder(tmp_path, sd15):
                             tmp_path / "base.safetensors")
     assert (lora - merged).abs().max() <= fh.TOL
     assert (base - merged).abs().max() > 1e-3, "the adapter must change the teacher's output"
+
+
+# ------------------------------------------------------------------------------ 4. LCM sample pool
+
+
+def lcm_run(tmp_path: Path, folder: Path, name: str, *extra: str) -> tuple[Path, float]:
+    start = time.perf_counter()
+    run = fh.train(tmp_path, folder, "sd15/lcm", [1.0], PROMPTS, *CPU, "student.lora_rank=2", "objective.synthetic_steps=4",
+                   *extra, name=name)
+    return run, time.perf_counter() - start
+
+
+def lora_weights(run: Path) -> dict:
+    from stepdistill.training.run import load_student
+
+    return load_student(run).lora_state()
+
+
+def test_lcm_pool_is_lazy_and_reproducible(tmp_path, sd15, capsys):
+    from stepdistill.config import load_config
+    from stepdistill.training.trainer import Trainer
+
+    run_a, seconds = lcm_run(tmp_path, sd15, "a")
+    run_b, _ = lcm_run(tmp_path, sd15, "b")
+    with capsys.disabled():
+        print(f"\n2-round sd15/lcm (LoRA, pool 512, batch 2) on the tiny SD1.5 folder: {seconds:.1f} s")
+    a, b = lora_weights(run_a), lora_weights(run_b)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # resume: 1 round, then the 2nd from the checkpoint, equals 2 rounds straight (the pool is rebuilt from its seed)
+    run_c, _ = lcm_run(tmp_path, sd15, "c", "train.steps=1")
+    Trainer(load_config(str(run_c / "config.yaml"), ["train.steps=2"]), run_c, resume=True, progress=False).run()
+    c = lora_weights(run_c)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    fresh, _ = lcm_run(tmp_path, sd15, "d", "train.seed=1")
+    assert any(not torch.equal(a[k], v) for k, v in lora_weights(fresh).items())
+
+
+def test_clean_sample_pool_builds_only_what_batches_need():
+    from stepdistill.analytic import ring2d
+    from stepdistill.objectives.base import Batch
+    from stepdistill.objectives.cm_common import CleanSamples
+    from stepdistill.schedules import FlowSchedule
+    from types import SimpleNamespace
+
+    teacher = ring2d(FlowSchedule())
+    nets = SimpleNamespace(teacher=teacher)
+    batch = Batch(4, (2,), {}, None)
+    pool, again = CleanSamples(pool=64, steps=2), CleanSamples(pool=64, steps=2)
+    rng, rng2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    x, _, source = pool.draw(nets, batch, rng)
+    assert source == "teacher" and x.shape == (4, 2) and pool.built() == 4  # one chunk, not 64 samples
+    for _ in range(200):
+        pool.draw(nets, batch, rng)
+    assert pool.built() == 64  # grown to the whole pool, never beyond
+    for _ in range(5):  # a second pool with the same seed, built in another order, gives the same samples
+        again.draw(nets, batch, torch.Generator().manual_seed(_ + 100))
+    y1, _, _ = pool.draw(nets, batch, rng2.manual_seed(7))
+    y2, _, _ = again.draw(nets, batch, torch.Generator().manual_seed(7))
+    assert torch.equal(y1, y2)
