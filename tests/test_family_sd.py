@@ -212,3 +212,44 @@ def test_clean_sample_pool_builds_only_what_batches_need():
     y1, _, _ = pool.draw(nets, batch, rng2.manual_seed(7))
     y2, _, _ = again.draw(nets, batch, torch.Generator().manual_seed(7))
     assert torch.equal(y1, y2)
+
+
+# ------------------------------------------------------------------------------ 5. model ids
+
+
+def fake_hub_cache(root: Path, repo_id: str, files_from: Path | None = None, revision: str = "0" * 40) -> Path:
+    """``root`` laid out as the hub cache holds ``repo_id``: models--org--name/{refs/main, snapshots/<hash>/...}."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    if files_from is not None:
+        shutil.copytree(files_from, snapshot)
+    else:
+        snapshot.mkdir(parents=True)
+        (snapshot / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_model_ids_resolve_from_the_local_hub_cache(tmp_path, sd15, monkeypatch):
+    from stepdistill.teachers import load_teacher, resolve_teacher_folder
+
+    cache = tmp_path / "hub"
+    sdxl = fake_hub_cache(cache, "stabilityai/stable-diffusion-xl-base-1.0")
+    tiny = fake_hub_cache(cache, "tiny-org/tiny-sd15", files_from=sd15, revision="a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_teacher_folder("stabilityai/stable-diffusion-xl-base-1.0") == sdxl
+    assert resolve_teacher_folder(f"tiny-org/tiny-sd15@{'a' * 40}") == tiny
+    teacher = load_teacher("tiny-org/tiny-sd15", prompts=PROMPTS)
+    assert teacher.folder == tiny and teacher.name == "tiny-org/tiny-sd15"
+    with pytest.raises(StepdistillError, match=r"'stabilityai/sdxl-turbo' is not a folder and not in the local Hugging "
+                                               r"Face cache .*hf download stabilityai/sdxl-turbo.*or give a folder"):
+        resolve_teacher_folder("stabilityai/sdxl-turbo")
+    with pytest.raises(StepdistillError, match="does not exist"):
+        resolve_teacher_folder(str(tmp_path / "no" / "such" / "folder"))
+    # a run names the id; training and export resolve it the same way
+    run = fh.train(tmp_path, "tiny-org/tiny-sd15", "sd15/dmd2", [1.0], PROMPTS, *FAST)
+    assert export_run(run, tmp_path / "export")["teacher"] == "tiny-org/tiny-sd15"
