@@ -214,6 +214,30 @@ def test_clean_sample_pool_builds_only_what_batches_need():
     assert torch.equal(y1, y2)
 
 
+
+def test_lcm_lora_student_exports_one_two_and_four_steps(tmp_path, sd15):
+    """A consistency student exports any step count on LCMScheduler's grid; the stock 4-step call replays it."""
+    from stepdistill.export import lcm_grid
+    from stepdistill.sampling import few_step_sample
+    from stepdistill.training.run import load_student
+
+    run, _ = lcm_run(tmp_path, sd15, "lcm", "student.lr=1e-2")
+    export = tmp_path / "export"
+    meta = export_run(run, export, steps=[1, 2, 4], lora=True)
+    assert meta["steps"] == [1, 2, 4] and (export / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    times = meta["student_times"]["4"]
+    assert [round(t * 999) for t in times] == lcm_grid(4)
+    stock = fh.stock_latents(export, "StableDiffusionPipeline", f"prompt={PROMPTS[:2]!r}, num_inference_steps=4",
+                             tmp_path / "stock.safetensors")
+    pe, _ = pipeline_embeds(export, PROMPTS[:2])
+    student = load_student(run)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, *student.teacher.sample_shape, generator=g)
+    with torch.no_grad():
+        ours = few_step_sample(student.view, noise, {"prompt_embeds": pe}, times, g)
+    assert (stock - ours).abs().max() <= fh.TOL
+
+
 # ------------------------------------------------------------------------------ 5. model ids
 
 
@@ -253,3 +277,31 @@ def test_model_ids_resolve_from_the_local_hub_cache(tmp_path, sd15, monkeypatch)
     # a run names the id; training and export resolve it the same way
     run = fh.train(tmp_path, "tiny-org/tiny-sd15", "sd15/dmd2", [1.0], PROMPTS, *FAST)
     assert export_run(run, tmp_path / "export")["teacher"] == "tiny-org/tiny-sd15"
+
+
+# ------------------------------------------------------------------------------ 3. digits-sd recipes
+
+
+def digits_sd_recipes() -> list[str]:
+    from stepdistill.config import list_recipes
+
+    return [r for r in list_recipes() if r.startswith("digits-sd/")]
+
+
+def test_digits_sd_recipes_are_listed():
+    assert {"digits-sd/dmd2", "digits-sd/dmd2-4step", "digits-sd/lcm", "digits-sd/ladd"} <= set(digits_sd_recipes())
+
+
+@pytest.mark.parametrize("recipe", digits_sd_recipes())
+def test_every_digits_sd_recipe_trains_and_exports(tmp_path, recipe):
+    from stepdistill.config import load_config
+    from stepdistill.training.trainer import Trainer
+
+    over = ["train.steps=1", "train.batch_size=2", "train.sample_every=0", "train.log_every=1", "train.checkpoint_every=0"]
+    cfg = load_config(recipe, over)
+    if hasattr(cfg.objective, "critic_ratio"):
+        cfg.objective.critic_ratio = 1
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    meta = export_run(tmp_path / "run", tmp_path / "export")
+    assert meta["pipeline"] == "StableDiffusionPipeline" and meta["steps"] == [len(cfg.student.times)]
+    assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
