@@ -16,6 +16,7 @@ tokenizer, tiny ``AutoencoderKL``, DDIM scheduler, ``save_pretrained``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -305,3 +306,34 @@ def test_every_digits_sd_recipe_trains_and_exports(tmp_path, recipe):
     meta = export_run(tmp_path / "run", tmp_path / "export")
     assert meta["pipeline"] == "StableDiffusionPipeline" and meta["steps"] == [len(cfg.student.times)]
     assert (tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ real data for a latent teacher
+
+
+def test_image_folder_is_encoded_lazily_for_the_sd_teacher(tmp_path, sd15):
+    import numpy as np
+    from PIL import Image
+
+    from stepdistill.teachers import load_teacher
+    from stepdistill.training.data import ImageFolderLatents, load_real, read_images
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rs = np.random.RandomState(0)
+    for i in range(5):
+        Image.fromarray(rs.randint(0, 255, (24, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    teacher = load_teacher(str(sd15), prompts=PROMPTS)
+    real = load_real(str(images), teacher, teacher.sample_shape)
+    assert isinstance(real, ImageFolderLatents) and len(real) == 5 and real.pixel_shape == (3, 16, 16)
+    x, labels = real.draw(3, torch.Generator().manual_seed(1))
+    assert x.shape == (3, 4, 8, 8) and labels is None
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 5, (3,), generator=g).tolist()
+    want = teacher.codec.encode(read_images([real.files[i] for i in idx], (3, 16, 16)), g)
+    assert torch.equal(x, want)
+    # DMD2 stage 2 (GAN on real latents) runs on it
+    run = fh.train(tmp_path, sd15, "sd15/dmd2", [1.0], PROMPTS, *FAST, "objective.gan_weight=1e-3", f"data.real={images}",
+                   name="gan")
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("fake_score/gan_d_loss" in r for r in logs), logs
