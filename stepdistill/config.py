@@ -29,7 +29,7 @@ def check_choice(name: str, value, choices) -> None:
 
 @dataclass
 class TeacherConfig:
-    name: str = "analytic:ring8"  # embedded teacher name, analytic preset, or a diffusers folder path
+    name: str = "analytic:ring8"  # embedded teacher name, analytic preset, a diffusers folder path, or a Hugging Face model id (org/name[@revision]) already in the local hub cache
     dtype: str = "fp32"  # teacher weights: fp32 | bf16 | fp16 (frozen; reduced precision saves memory)
     offload: bool = False  # keep the frozen teacher in CPU memory, moved to the GPU layer by layer per call (accelerate cpu_offload; slow, saves its weights' memory; full-copy students only)
 

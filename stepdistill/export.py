@@ -57,7 +57,10 @@ def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, l
         elif set(re.split(r"[^a-z0-9]+", objective)) & set(CONSISTENCY_OBJECTIVES):  # lcm, scm, compose(scm+ladd)
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
             ts = [top * (n - k) / n for k in range(n)]
-            out[n] = [math.floor(t * last + 1e-6) / last for t in ts] if last else ts  # floor, as run.student_times: LCM's grid
+            if last and top == 1.0:  # VP from the top: LCMScheduler's own grid (what the stock SD pipelines replay)
+                out[n] = [g / last for g in lcm_grid(n, last + 1)]
+            else:  # floor, as run.student_times
+                out[n] = [math.floor(t * last + 1e-6) / last for t in ts] if last else ts
         else:
             raise StepdistillError(f"--steps {n}: this {objective} student was trained for {len(run_times)} step(s) at "
                                    f"times {list(run_times)}; only consistency students (lcm, scm) export other step counts")

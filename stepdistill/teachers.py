@@ -8,6 +8,7 @@ analytic teachers, a latent decoder for latent teachers).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -167,9 +168,43 @@ def load_teacher(name: str, dtype: str = "fp32", prompts: list[str] | None = Non
 
 
 def resolve_teacher_folder(name: str) -> Path:
-    """The folder of an embedded teacher name, or ``name`` as a path; one-line error if missing."""
+    """The folder of an embedded teacher name, a path, or a Hugging Face model id (``org/name`` or
+    ``org/name@revision``) already in the local hub cache (never downloaded); one-line error if missing."""
     embedded = assets_dir() / "teachers" / name
-    folder = embedded if ("/" not in name and embedded.is_dir()) else Path(name)
-    if not folder.is_dir():
-        raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
-    return folder
+    folder = embedded if ("/" not in name and embedded.is_dir()) else Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    if _MODEL_ID.match(name):
+        return _cached_snapshot(name)
+    raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
+
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9](@[\w./-]+)?$")  # org/name[@revision]
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now (HF_HUB_CACHE, then HF_HOME/hub)."""
+    import os
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _cached_snapshot(model_id: str) -> Path:
+    """The local snapshot folder of a hub model id, offline (``local_files_only``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = model_id.partition("@")
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise StepdistillError(f"teacher {model_id!r} is not a folder and not in the local Hugging Face cache ({cache}); "
+                               f"download it with `hf download {repo_id}` (or huggingface_hub.snapshot_download), "
+                               "or give a folder") from None

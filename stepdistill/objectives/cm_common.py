@@ -7,8 +7,8 @@
   ``LatentConsistencyModelPipeline`` feeds at inference (it embeds guidance_scale - 1, the LCM
   formulation of w). Other students (no such input) are trained without it.
 * ``CleanSamples``: the clean x0 an objective noises: ``batch.real`` when the run has data
-  (with its labels as the condition), else samples of the teacher's PF-ODE with CFG (made once
-  into a fixed-seed pool, or fresh every batch).
+  (with its labels as the condition), else samples of the teacher's PF-ODE with CFG (a fixed-seed pool
+  built lazily, chunk by chunk, as batches need it; or fresh every batch).
 """
 
 from __future__ import annotations
@@ -76,20 +76,29 @@ def _index(cond: Cond, idx: Tensor) -> dict:
 class CleanSamples:
     """Where clean samples come from: real data if the batch has it, else the teacher.
 
+    The teacher pool is built lazily, in chunks: chunk k holds ``batch.size`` PF-ODE samples made
+    with its own generator (seeded from ``seed`` and k), so its content never depends on when it
+    was built or which chunks exist. A batch takes the samples of randomly chosen chunks (drawn
+    with the training generator, which the checkpoint saves), building only those it lacks; the
+    pool grows to ``pool`` samples over rounds, and a resumed run draws exactly what the original
+    did. A tqdm bar shows builds of many samples at once (a batch larger than the chunk size).
+
     Args:
-        pool: teacher samples made once (fixed seed: resume-safe) and drawn from; 0 = fresh each batch.
+        pool: teacher samples to keep (rounded up to whole chunks); 0 = fresh samples every batch.
         steps: teacher PF-ODE (DDIM/Euler) steps per sample.
         guidance_scale: teacher CFG baked into the samples (LADD trains on such data).
         seed: seed of the pool.
+        chunk: samples per chunk (0 = the batch size; at most the pool).
     """
 
     pool: int = 512
     steps: int = 16
     guidance_scale: float = 1.0
     seed: int = 4321
+    chunk: int = 0
 
     def __post_init__(self):
-        self._pool = None
+        self._chunks: dict[int, tuple[Tensor, dict]] = {}
 
     def draw(self, nets: Nets, batch: Batch, rng: torch.Generator) -> tuple[Tensor, dict, str]:
         """(x0 [B, ...], its cond, "real" | "teacher")."""
@@ -101,26 +110,45 @@ class CleanSamples:
         if self.pool <= 0:
             x = ddim_sample(nets.teacher, batch.noise(rng), batch.cond, self.steps, batch.null_cond, self.guidance_scale)
             return x, dict(batch.cond), "teacher"
-        if self._pool is None:
-            self._pool = self._make_pool(nets, batch)
-        x, cond = self._pool
-        idx = torch.randint(0, len(x), (batch.size,), generator=rng)
+        size = min(self.chunk or batch.size, self.pool)
+        n_chunks = -(-self.pool // size)
+        need = min(-(-batch.size // size), n_chunks)
+        picked = torch.randperm(n_chunks, generator=rng)[:need].tolist()
+        self._build([k for k in picked if k not in self._chunks], size, nets, batch)
+        x = torch.cat([self._chunks[k][0] for k in picked])  # [need * size, ...]
+        cond = self._chunks[picked[0]][1]
+        for k in picked[1:]:
+            cond = concat_cond(cond, self._chunks[k][1])
+        idx = (torch.randperm(len(x), generator=rng) if len(x) >= batch.size
+               else torch.randint(0, len(x), (batch.size,), generator=rng))[:batch.size]  # pool smaller than a batch
         return x[idx.to(x.device)], _index(cond, idx), "teacher"
 
-    def _make_pool(self, nets: Nets, batch: Batch) -> tuple[Tensor, dict]:
-        g = torch.Generator().manual_seed(self.seed)
-        xs, conds = [], []
-        for start in range(0, self.pool, batch.size):
-            n = min(batch.size, self.pool - start)
-            if batch.conditions:
-                cond, null = batch.conditions(n, g)
-            else:
-                cond = _index(batch.cond, torch.arange(n))
-                null = None if batch.null_cond is None else _index(batch.null_cond, torch.arange(n))
-            xs.append(ddim_sample(nets.teacher, batch.noise(g, n), cond, self.steps, null, self.guidance_scale))
-            conds.append(cond)
-        cond = {k: (torch.cat([c[k] for c in conds]) if isinstance(conds[0][k], Tensor) else conds[0][k]) for k in conds[0]}
-        return torch.cat(xs), cond
+    def built(self) -> int:
+        """Teacher samples made so far."""
+        return sum(len(x) for x, _ in self._chunks.values())
+
+    def _build(self, chunks: list[int], size: int, nets: Nets, batch: Batch) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks) * size, desc="teacher sample pool", unit="sample", leave=False,
+                   disable=len(chunks) * size < 64)
+        for k in chunks:
+            self._chunks[k] = self._make_chunk(k, size, nets, batch)
+            bar.update(size)
+        bar.close()
+
+    def _make_chunk(self, k: int, n: int, nets: Nets, batch: Batch) -> tuple[Tensor, dict]:
+        """Chunk k: n teacher samples from a generator seeded by (seed, k) alone."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        if batch.conditions:
+            cond, null = batch.conditions(n, g)
+        else:  # a fixed condition (no sampler): the batch's own rows
+            rows = torch.arange(n) % batch.size
+            cond = _index(batch.cond, rows)
+            null = None if batch.null_cond is None else _index(batch.null_cond, rows)
+        with torch.no_grad():
+            x = ddim_sample(nets.teacher, batch.noise(g, n), cond, self.steps, null, self.guidance_scale)
+        return x.detach(), cond
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:

@@ -59,8 +59,9 @@ def _to(cond, device):
 
 
 def load_real(spec: str, teacher, sample_shape) -> RealData | None:
-    """``""`` (none), ``teacher`` (exact samples of an analytic teacher), ``digits``, or an image folder."""
-    if not spec:
+    """``""`` or ``none`` (no data), ``teacher`` (exact samples of an analytic teacher), ``digits``, or an image folder
+    (VAE-encoded batch by batch for a latent teacher)."""
+    if not spec or spec.strip().lower() == "none":
         return None
     if spec == "teacher":
         if teacher.sample_data is None:
@@ -73,7 +74,32 @@ def load_real(spec: str, teacher, sample_shape) -> RealData | None:
 
         images, labels = load_digits_images("train", resolution=sample_shape[-1])
         return RealData(_check_shape(images, sample_shape, "digits"), labels)
+    if teacher.codec is not None:  # a latent teacher: images are read and VAE-encoded per batch
+        return ImageFolderLatents(image_files(Path(spec)), teacher.codec, sample_shape)
     return RealData(_check_shape(load_image_folder(Path(spec), sample_shape), sample_shape, spec))
+
+
+class ImageFolderLatents:
+    """Real latents of an image folder for a latent teacher, made per draw (any number of images:
+    only the file list is held): the drawn images are loaded, resized to the VAE's pixel size and
+    encoded by the teacher's own codec (``latent_dist.sample`` from the sampler's generator)."""
+
+    labels = None
+
+    def __init__(self, files: list[Path], codec, sample_shape):
+        self.files, self.codec, self.sample_shape = files, codec, tuple(sample_shape)
+        vae = codec.vae.config
+        factor = 2 ** (len(vae.get("block_out_channels", (0,))) - 1)
+        self.pixel_shape = (int(vae.get("in_channels", 3)), sample_shape[-2] * factor, sample_shape[-1] * factor)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, None]:
+        idx = torch.randint(0, len(self.files), (n,), generator=generator).tolist()
+        images = read_images([self.files[i] for i in idx], self.pixel_shape)  # [n, C, H, W] in [-1, 1]
+        latents = self.codec.encode(images, generator)  # [n, c, h, w]
+        return _check_shape(latents, self.sample_shape, "image folder (VAE-encoded)"), None
 
 
 def _check_shape(x: Tensor, shape, what: str) -> Tensor:
@@ -85,18 +111,28 @@ def _check_shape(x: Tensor, shape, what: str) -> Tensor:
     return x
 
 
-def load_image_folder(folder: Path, shape) -> Tensor:
-    """Every PNG/JPEG in a folder, resized to the sample shape, in [-1, 1]: [N, C, H, W]."""
-    from PIL import Image
-    import numpy as np
-
+def image_files(folder: Path) -> list[Path]:
+    """Every PNG/JPEG under a folder (sorted); one-line error if none."""
     if not folder.is_dir():
         raise StepdistillError(f"real-image folder {str(folder)!r} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise StepdistillError(f"real-image folder {str(folder)!r} has no .png/.jpg images")
+    return files
+
+
+def read_images(files: list[Path], shape) -> Tensor:
+    """Images resized (bicubic) to shape (C, H, W), in [-1, 1]: [N, C, H, W]."""
+    from PIL import Image
+    import numpy as np
+
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
     arrays = [np.asarray(Image.open(p).convert(mode).resize((w, h), Image.BICUBIC), dtype=np.float32) for p in files]
     x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1
     return x[:, None] if c == 1 else x.permute(0, 3, 1, 2)
+
+
+def load_image_folder(folder: Path, shape) -> Tensor:
+    """Every PNG/JPEG in a folder, resized to the sample shape, in [-1, 1]: [N, C, H, W]."""
+    return read_images(image_files(folder), shape)
