@@ -68,7 +68,7 @@ def encoder_pipeline(folder: Path, pipeline_cls: str, network, subfolder: str, m
         elif name.startswith(("tokenizer", "text_encoder")):
             components[name] = _text_part(folder, name, index)
         elif name == "scheduler":
-            components[name] = diffusers.DDPMScheduler()  # unused by encode_prompt
+            components[name] = diffusers.DDPMScheduler(steps_offset=1, clip_sample=False)  # unused by encode_prompt; no deprecation rewrite
         elif inspect.signature(cls.__init__).parameters[name].default is inspect.Parameter.empty:
             components[name] = None
     if components.get("text_encoder") is None and "text_encoder" in params:
