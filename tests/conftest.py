@@ -58,6 +58,34 @@ def tiny_sana():
     )
 
 
+def tiny_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(  # diffusers' SDXL fast-test config
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+    )
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                                    caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
+                                    attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                    use_additional_conditions=False).eval()
+
+
 def minilm_text_side(folder, meta: dict | None = None) -> None:
     """An SD-style folder's text side from the offline MiniLM package (as digits-sd): tokenizer/ at 16
     tokens, the encoder named in stepdistill_teacher.json, the digits captions as default prompts."""
@@ -80,6 +108,13 @@ def cond_for(family: str, batch: int, g: torch.Generator) -> dict:
         return {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 64, generator=g)}
     if family == "sana":
         return {"prompt_embeds": torch.randn(batch, 5, 8, generator=g)}
+    if family == "sdxl":
+        return {"prompt_embeds": torch.randn(batch, 5, 64, generator=g), "pooled_prompt_embeds": torch.randn(batch, 32, generator=g),
+                "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(batch, 6).clone()}
+    if family == "flux":
+        return {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "pooled_prompt_embeds": torch.randn(batch, 32, generator=g)}
+    if family == "pixart":
+        return {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "prompt_attention_mask": torch.ones(batch, 5, dtype=torch.long)}
     return {}
 
 

@@ -25,7 +25,7 @@ from stepdistill.teachers import Teacher, _ddpm_schedule
 from stepdistill.training.trainer import Trainer
 from stepdistill.trigflow import TrigFlowView, native_time, trig_time
 
-from conftest import cond_for, tiny_dit, tiny_sana, tiny_sd3, tiny_unet2d, tiny_unet2d_condition
+from conftest import tiny_dit, tiny_unet2d, tiny_unet2d_condition
 
 VP = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
@@ -215,58 +215,8 @@ def test_scm_falls_back_to_finite_differences_with_a_warning():
     assert torch.allclose(J, J_ref)
 
 
-# ---------------------------------------------------------------- every objective x adapter family
-
-FAMILIES = [
-    ("unet2d_class", lambda: tiny_unet2d(num_classes=10), VP, "epsilon"),
-    ("unet2d_condition", tiny_unet2d_condition, VP, "epsilon"),
-    ("dit", tiny_dit, VP, "epsilon"),
-    ("sd3", tiny_sd3, FLOW, None),
-    ("sana", tiny_sana, FLOW, None),
-]
-OBJECTIVES = {
-    "lcm": {"name": "lcm", "num_ddim_steps": 4, "guidance_scale_max": 2.0, "synthetic_steps": 2, "synthetic_pool": 4},
-    "scm": {"name": "scm", "guidance_scale_max": 2.0, "synthetic_steps": 2, "synthetic_pool": 0},
-    "ladd": {"name": "ladd", "synthetic_steps": 2, "synthetic_pool": 0, "guidance_scale": 2.0},
-    "compose": {"name": "compose", "parts": [{"name": "scm", "weight": 1.0, "synthetic_steps": 2, "synthetic_pool": 0},
-                                             {"name": "ladd", "weight": 0.1, "synthetic_steps": 2, "synthetic_pool": 0}]},
-}
-
-
-def _null_like(cond):
-    return {k: torch.zeros_like(v) if v.is_floating_point() else torch.full_like(v, 10) for k, v in cond.items()}
-
-
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-@pytest.mark.parametrize("family,factory,sched,pred", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_finite_losses_for_every_family(objective, family, factory, sched, pred):
-    from stepdistill.config import build_objective_config
-
-    torch.manual_seed(0)
-    model = factory().eval().requires_grad_(False)
-    teacher = wrap(model, sched, pred)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    c, r = model.config.in_channels, model.config.sample_size
-    conditions = lambda n, g: (cond_for(family, n, g), _null_like(cond_for(family, n, g)))  # noqa: E731
-    cond, null = conditions(2, torch.Generator().manual_seed(0))
-    obj = build_objective_config(copy.deepcopy(OBJECTIVES[objective]))
-    info = Teacher("tiny", teacher, conditions, (c, r, r))
-    extra = obj.extra_networks(info) if hasattr(obj, "extra_networks") else {}
-    nets = Nets(teacher=teacher, student=student, student_times=(1.0,), extra=extra)
-    batch = Batch(2, (c, r, r), cond, null, conditions=conditions)
-    rng = torch.Generator().manual_seed(1)
-    for phase in obj.phases:
-        out = obj.loss(phase, nets, batch, rng)
-        assert torch.isfinite(out.loss), f"{objective}/{phase} on {family}: {out.loss}"
-        out.loss.backward()
-        trained = obj.phase_updates(phase)
-        params = list(student.parameters()) if "student" in trained else []
-        params += [p for n, m in extra.items() if n in trained for p in m.parameters()]
-        grads = [p.grad for p in params if p.grad is not None]
-        assert grads and all(torch.isfinite(gr).all() for gr in grads), f"{objective}/{phase} on {family}: no finite grads"
-        assert all(p.grad is None for p in model.parameters()), "the teacher's weights must get no gradient"
-        for p in list(student.parameters()) + [p for m in extra.values() for p in m.parameters()]:
-            p.grad = None
+# (every objective x every family: tests/test_contract_matrix.py, over the registries)
+from test_contract_matrix import OBJECTIVES  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- composition

@@ -3,7 +3,6 @@ analytic teacher, per-phase gradient isolation, every adapter family, backward s
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from stepdistill.objectives.vsd import VSD
 from stepdistill.teachers import Teacher, _ddpm_schedule
 from stepdistill.training.trainer import Trainer
 
-from conftest import cond_for, tiny_dit, tiny_sana, tiny_sd3, tiny_unet2d, tiny_unet2d_condition
+from conftest import tiny_dit, tiny_unet2d
 
 
 class FixedSamples(nn.Module):
@@ -271,64 +270,8 @@ def test_backward_simulation_trains_only_the_chosen_step(name):
     assert seen == {0, 1, 2, 3}, "every step, the pure-noise one included, gets its share"
 
 
-# ------------------------------------------------------------- (c) every objective x adapter family
-
-VP = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}
-FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
-FAMILIES = [
-    ("unet2d_class", lambda: tiny_unet2d(num_classes=10), VP, "epsilon"),
-    ("unet2d_condition", tiny_unet2d_condition, VP, "epsilon"),
-    ("dit", tiny_dit, VP, "epsilon"),
-    ("sd3", tiny_sd3, FLOW, None),
-    ("sana", tiny_sana, FLOW, None),
-]
-OBJECTIVES = {
-    "dmd2": {"name": "dmd2", "guidance_scale": 2.0, "critic_ratio": 1},
-    "dmd2-gan": {"name": "dmd2", "guidance_scale": 2.0, "gan_weight": 0.01, "critic_ratio": 1},
-    "dmd2-split": {"name": "dmd2", "guidance_scale": 2.0, "cfg_split": True},
-    "vsd": {"name": "vsd", "guidance_scale": 2.0, "guidance_scale_max": 4.0},
-    "sid": {"name": "sid", "guidance_scale": 2.0, "fake_guidance_scale": 2.0, "fake_train_guidance_scale": 2.0},
-}
-
-
-def _null_like(cond):
-    return {k: torch.zeros_like(v) if v.is_floating_point() else torch.full_like(v, 10) for k, v in cond.items()}
-
-
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-@pytest.mark.parametrize("family,factory,sched,pred", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_finite_losses_for_every_family(objective, family, factory, sched, pred):
-    torch.manual_seed(0)
-    model = factory().eval().requires_grad_(False)
-    teacher = wrap(model, sched, pred)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    fake = copy.deepcopy(teacher).requires_grad_(True)
-    c, r = model.config.in_channels, model.config.sample_size
-    conditions = lambda n, g: (cond_for(family, n, g), _null_like(cond_for(family, n, g)))  # noqa: E731
-    cond, null = conditions(2, torch.Generator().manual_seed(0))
-    obj = build_objective_config(copy.deepcopy(OBJECTIVES[objective]))
-    extra = getattr(obj, "extra_networks", lambda _: {})(Teacher("tiny", teacher, conditions, (c, r, r)))
-    assert set(extra) == ({"gan_head"} if objective == "dmd2-gan" else set())
-    nets = Nets(teacher=teacher, student=student, student_times=(1.0, 0.5), fake_score=fake, extra=extra)
-    batch = Batch(2, (c, r, r), cond, null, real=torch.randn(2, c, r, r), conditions=conditions)
-    owners = {"student": list(student.parameters()), "fake_score": list(fake.parameters())}
-    owners |= {n: list(m.parameters()) for n, m in extra.items()}
-    rng = torch.Generator().manual_seed(1)
-    for phase in obj.phases:
-        trained = obj.phase_updates(phase)
-        for name, params in owners.items():  # the trainer's isolation
-            for p in params:
-                p.requires_grad_(name in trained)
-        out = obj.loss(phase, nets, batch, rng)
-        assert torch.isfinite(out.loss), f"{objective}/{phase} on {family}: {out.loss}"
-        out.loss.backward()
-        for name in trained:
-            grads = [p.grad for p in owners[name] if p.grad is not None]
-            assert grads and all(torch.isfinite(g).all() for g in grads), f"{objective}/{phase} on {family}: no finite grads for {name}"
-        assert all(p.grad is None for p in model.parameters()), "the teacher's weights must get no gradient"
-        for params in owners.values():
-            for p in params:
-                p.grad = None
+# (every objective x every family: tests/test_contract_matrix.py, over the registries)
+from test_contract_matrix import OBJECTIVES, VP  # noqa: E402
 
 
 # ------------------------------------------------------------- (b) trainer: per-phase isolation
