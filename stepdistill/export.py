@@ -131,6 +131,26 @@ def _eval_numbers(run_dir: Path) -> list[dict]:
     return [{k: r.get(k) for k in keep if k in r} for r in records if isinstance(r, dict)]
 
 
+def _stock_call_usage(meta: dict, out: Path) -> tuple[str, str]:
+    """Usage of a stock folder whose call arguments the family wrote (``call_kwargs`` per step count)."""
+    lines = ["import torch", "from diffusers import DiffusionPipeline", "",
+             f"pipe = DiffusionPipeline.from_pretrained(\"{out}\")"]
+    for n, kwargs in meta["call_kwargs"].items():
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        if meta.get("stochastic_sampling"):
+            lines.append("torch.manual_seed(0)  # the scheduler's fresh step noise comes from the global RNG")
+        lines.append(f"image = pipe(\"a photo of a cat\", {args},\n             generator=torch.Generator().manual_seed(0)).images[0]  # {n} step(s)")
+    extra = ("\nCall with exactly these arguments: the student was trained at these sigmas, resolution and T5 length, "
+             "without CFG (the pipeline's default guidance would add a negative branch it never saw).\n")
+    if meta.get("step_noise"):
+        extra += f"\nStep noise: {meta['step_noise']}.\n"
+    if meta.get("lora_file"):
+        extra += ("\nLoRA: `lora/pytorch_lora_weights.safetensors` is the same student as an adapter for the teacher's "
+                  "pipeline: `pipe.load_lora_weights(\"lora\")`, then `pipe.scheduler = "
+                  "FlowMatchEulerDiscreteScheduler.from_pretrained(\"<this folder>/scheduler\")` and the call above.\n")
+    return "\n".join(lines), extra
+
+
 def model_card(meta: dict, out: Path) -> str:
     """The exported folder's README.md."""
     steps = meta["steps"]
@@ -154,6 +174,8 @@ def model_card(meta: dict, out: Path) -> str:
                       "pipeline: `pipe.load_lora_weights(\"lora\")`, then set "
                       "`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000, "
                       "clip_sample=False)` and call with `guidance_scale=1` (the adapter has no guidance projection).\n")
+    elif meta.get("call_kwargs"):  # stock pipeline whose call needs arguments (flow families: sigmas, guidance off)
+        load, extra = _stock_call_usage(meta, out)
     else:
         load = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{out}\", trust_remote_code=True)\n"
