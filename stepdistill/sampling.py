@@ -74,14 +74,19 @@ def ddim_sample(
     """Deterministic DDIM / Euler on the probability-flow ODE from t_max down to t_min.
 
     x_{next} = alpha(s) x0_hat + sigma(s) eps_hat, eps_hat = (x_t - alpha(t) x0_hat) / sigma(t).
-    The last step returns x0_hat itself. Input: pure noise at t_max.
+    The last step returns x0_hat itself. Input: pure noise at t_max. A teacher whose scheduler
+    clips x0 (``clip_sample``, e.g. a cosine schedule where alpha(1) ~ 5e-5 makes the first
+    x0_hat unbounded) has x0_hat clipped the same way (``schedule.x0_clip``).
     """
     ts = torch.linspace(t_max, t_min, num_steps + 1)
     sched = denoiser.schedule
+    clip = getattr(sched, "x0_clip", None)
     x = noise * init_noise_sigma(sched)
     for i in range(num_steps):
         t, s = as_time(ts[i], x), as_time(ts[i + 1], x)
         x0 = guided(denoiser, x, t, cond or {}, null_cond, guidance_scale)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
         if i == num_steps - 1:
             return x0
         eps = (x.float() - expand_like(sched.alpha(t), x) * x0.float()) / expand_like(sched.sigma(t), x)

@@ -24,6 +24,7 @@ class VPSchedule:
     """Variance-preserving schedule from a table alpha_bar[0..N-1] (DDPM steps)."""
 
     kind = "vp"
+    x0_clip: float | None = None  # the teacher's scheduler clips x0 to [-r, r] (``clip_sample``): its solvers do too
 
     def __init__(self, alphas_cumprod: Tensor):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -44,7 +45,10 @@ class VPSchedule:
         """Build from a diffusers scheduler config (betas, beta_schedule, num_train_timesteps)."""
         from diffusers import DDPMScheduler
 
-        return cls.from_scheduler(DDPMScheduler.from_config(dict(config)))
+        schedule = cls.from_scheduler(DDPMScheduler.from_config(dict(config)))
+        if config.get("clip_sample"):
+            schedule.x0_clip = float(config.get("clip_sample_range", 1.0))
+        return schedule
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         step = self.to_native(t).double().clamp(0, self.num_train_timesteps - 1)
