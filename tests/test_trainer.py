@@ -163,7 +163,11 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, unet_t
     Trainer(other, tmp_path / "c", progress=False).run(until=1)
     import shutil
 
-    shutil.copy(ckpt / "model.safetensors", latest_checkpoint(tmp_path / "c") / "model.safetensors")
+    from stepdistill.training.checkpoint import _write_marker
+
+    target = latest_checkpoint(tmp_path / "c")
+    shutil.copy(ckpt / "model.safetensors", target / "model.safetensors")
+    _write_marker(target)  # a complete checkpoint, of another layout (a plain copy is caught as damage)
     with pytest.raises(StepdistillError, match="does not match the run's networks"):
         Trainer(other, tmp_path / "c", resume=True, progress=False)
 
