@@ -81,23 +81,34 @@ def _pointer(run_dir: Path) -> str | None:
     return name
 
 
-def resume_candidates(run_dir: Path) -> list[Path]:
+def resume_candidates(run_dir: Path, log=None) -> list[Path]:
     """Checkpoints to resume from, best first: the one ``latest`` names, then the others newest first.
 
-    Only folders inside ``<run>/checkpoints`` whose marker and file sizes check out.
+    Only folders inside ``<run>/checkpoints`` whose marker and file sizes check out; ``log`` is
+    told about each damaged or missing one newer than the first candidate.
     """
     dirs = checkpoint_dirs(run_dir)[::-1]
     name = _pointer(run_dir)
     named = [p for p in dirs if p.name == name]
-    return named + [p for p in dirs if p not in named]
+    cands = named + [p for p in dirs if p not in named]
+    if log is not None:
+        first = _step(cands[0]) if cands else -1
+        root = run_dir / "checkpoints"
+        newer = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and _step(p) > first and p not in cands),
+                       key=_step, reverse=True) if root.is_dir() else []
+        for p in newer:
+            try:
+                verify_checkpoint(p)
+            except DamagedCheckpoint as e:
+                log(f"{e}; using {cands[0] if cands else 'no checkpoint'} instead")
+        if name and not (root / name).exists() and cands:
+            log(f"{root / 'latest'} names {name}, which is missing; using {cands[0]}")
+    return cands
 
 
 def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
     """The checkpoint ``latest`` names, else the newest complete one (said through ``log``), else None."""
-    cands = resume_candidates(run_dir)
-    name = _pointer(run_dir)
-    if cands and log is not None and name and cands[0].name != name:
-        log(f"{run_dir / 'checkpoints' / name} is missing or damaged; using {cands[0]}")
+    cands = resume_candidates(run_dir, log)
     return cands[0] if cands else None
 
 

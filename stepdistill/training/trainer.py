@@ -479,7 +479,7 @@ class Trainer:
     def _resume(self) -> None:
         """Load the checkpoint ``latest`` names; when it is damaged, the newest complete one before it (and say so)."""
         skipped = []
-        for ckpt in resume_candidates(self.run_dir):
+        for ckpt in resume_candidates(self.run_dir, self.log):
             try:
                 state, tensors = load_checkpoint(self.accelerator, ckpt, self.lora_modules)
                 break
