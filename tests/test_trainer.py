@@ -183,7 +183,8 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path):
                    "train.checkpoint_every=3", "student.lr=1e-2"]
 
     def cli(run, kill_at=None):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+        env = dict(os.environ, OMP_NUM_THREADS="1",  # this checkout first, not the installed one
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)]))
         env.pop("STEPDISTILL_TEST_KILL_AT", None)
         if kill_at:
             env["STEPDISTILL_TEST_KILL_AT"] = str(kill_at)
