@@ -8,8 +8,10 @@ Values are checked where they are used; builders turn config into plain keyword 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,12 +21,7 @@ from typing import Any
 import yaml
 
 from .contract import StepdistillError
-
-
-def check_choice(name: str, value, choices) -> None:
-    """One-line error when a setting is not one of ``choices``."""
-    if value not in choices:
-        raise StepdistillError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+from .validation import check_choice, check_finite, check_range  # noqa: F401  (re-exported: config.check_range)
 
 
 @dataclass
@@ -57,12 +54,39 @@ class NetworkConfig:
     def __post_init__(self):
         check_choice("init", self.init, ("copy", "lora", "fit"))
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        # names without a section: _build prefixes them with the section (student., fake_score., ...)
+        check_range("lr", self.lr, 0.0)
+        if self.lr <= 0:
+            raise StepdistillError(f"lr = {self.lr} must be > 0")
+        if len(self.betas) != 2:
+            raise StepdistillError(f"betas must be two numbers, got {list(self.betas)}")
+        for b in self.betas:
+            check_range("betas", b, 0.0, 1.0, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("grad_clip", self.grad_clip, 0.0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("lora_rank", self.lora_rank, 1)
+        check_range("lora_alpha", self.lora_alpha, 0.0)
+        check_range("mlp_hidden", self.mlp_hidden, 1)
+        check_range("mlp_depth", self.mlp_depth, 1)
+        check_range("fit_steps", self.fit_steps, 0)
+        check_range("fit_lr", self.fit_lr, 0.0)
+        if self.fit_lr <= 0:
+            raise StepdistillError(f"fit_lr = {self.fit_lr} must be > 0")
 
 
 @dataclass
 class StudentConfig(NetworkConfig):
     times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
     ema_decay: float = 0.0  # EMA of the student weights (0 = off)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        if not self.times:
+            raise StepdistillError("times must list at least one generation time, e.g. [1.0]")
+        for t in self.times:
+            check_range("times", t, 0.0, 1.0)
 
 
 @dataclass
@@ -93,6 +117,11 @@ class TrainConfig:
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         check_choice("train.attention", self.attention, ("auto", "sdpa", "xformers"))
         check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "max_nonfinite", "num_sample_images"):
+            check_range(f"train.{key}", getattr(self, key), 1)
+        for key in ("sample_every", "checkpoint_every", "keep_checkpoints"):
+            check_range(f"train.{key}", getattr(self, key), 0)
+        check_range("train.seed", self.seed, 0, 2**32, high_open=True)
 
 
 @dataclass
@@ -108,13 +137,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------- checks
-
-
-def check_range(name: str, value, low=None, high=None) -> None:
-    """One-line error when a numeric setting is outside [low, high]."""
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise StepdistillError(f"{name} = {value} is out of range {bounds}")
 
 
 def _suggest(key: str, valid) -> str:
@@ -136,10 +158,14 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             if tp is int:
+                if isinstance(value, int):
+                    return value
                 if not float(value).is_integer():
                     raise ValueError
                 return int(float(value))
-            return float(value)
+            out = float(value)
+            check_finite(path, out)
+            return out
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -151,9 +177,12 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             if origin is tuple and len(args) > 1 and args[1] is not Ellipsis and len(items) != len(args):
                 raise ValueError
             return origin(_coerce(path, v, args[0]) for v in items) if args else origin(items)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise StepdistillError(f"{path}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
     return value
+
+
+_NETWORK_KEYS = {f.name for f in dataclasses.fields(StudentConfig)}
 
 
 def _build(cls, data: dict, path: str):
@@ -178,7 +207,7 @@ def _build(cls, data: dict, path: str):
         return cls(**kwargs)
     except StepdistillError as e:  # a field check in __post_init__: name the section
         msg = str(e)
-        if path and cls in (NetworkConfig, StudentConfig) and msg.split(" ", 1)[0] in ("init", "lr_schedule"):
+        if path and cls in (NetworkConfig, StudentConfig) and msg.split(" ", 1)[0] in _NETWORK_KEYS:
             msg = f"{path}.{msg}"
         raise StepdistillError(msg) from None
 
@@ -193,8 +222,38 @@ def build_objective_config(data: dict, path: str = "objective"):
     name = data.pop("name", None)
     if not name:
         raise StepdistillError(f"{path}.name is required (e.g. dmd); see `stepdistill recipes`")
-    cls = get_objective_class(str(name))
+    name = str(name)
+    if "." in name and name not in _IMPORTABLE.get():
+        raise StepdistillError(f"{path}.name {name!r} is not a registered objective; a dotted import path is only "
+                               f"accepted from the command line (objective.name={name}), never from a recipe or run folder")
+    cls = get_objective_class(name)
     return _build(cls, data, path)
+
+
+# dotted objective paths that may be imported while a config is built: only names the user gave as overrides
+_IMPORTABLE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("stepdistill_importable", default=frozenset())
+
+
+def _dotted_names(node) -> set[str]:
+    """Every ``name`` value with a dot anywhere inside an override tree."""
+    if isinstance(node, dict):
+        own = {node["name"]} if isinstance(node.get("name"), str) and "." in node["name"] else set()
+        return own.union(*(_dotted_names(v) for v in node.values()))
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_dotted_names(v) for v in node))
+    return set()
+
+
+def _check_finite_tree(node, path: str) -> None:
+    """NaN or infinity anywhere in a recipe (including lists such as objective.parts) is an error naming the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite_tree(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite_tree(v, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise StepdistillError(f"{path} = {node} is not a finite number")
 
 
 # --------------------------------------------------------------------------------------- recipes
@@ -240,7 +299,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _yaml_value(raw: str, where: str):
     """A YAML scalar/list from the command line, or a one-line error naming the override."""
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise StepdistillError(f"override {where!r}: cannot read the value as YAML ({problem})") from None
@@ -259,9 +318,11 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
     if recipe:
         path = resolve_recipe(recipe)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise StepdistillError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise StepdistillError(f"recipe {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StepdistillError(f"cannot read recipe {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
         if not isinstance(data, dict):
             raise StepdistillError(f"recipe {str(path)!r} must be a mapping of sections (teacher:, student:, ...), "
                                    f"got {type(data).__name__}")
@@ -272,7 +333,34 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
     data = merge(data, over)
     if isinstance(data.get("objective", {}), dict):
         data["objective"] = {"name": "dmd"} | data.get("objective", {})  # dmd is the default objective
-    return _build(RunConfig, data, "")
+    _check_finite_tree(data, "")
+    token = _IMPORTABLE.set(frozenset(_dotted_names(over.get("objective"))))
+    try:
+        return _build(RunConfig, data, "")
+    finally:
+        _IMPORTABLE.reset(token)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (the later one would win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: Exception) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())[:200]
 
 
 def to_dict(cfg: RunConfig) -> dict:

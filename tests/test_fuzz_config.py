@@ -53,3 +53,60 @@ def test_cli_answers_with_an_exit_code(tmp_path, capsys, recipe, overrides):
     assert code in (0, 1, 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+def _leaf_keys():
+    """Every config key of the sections (section, key, annotated type), from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    from stepdistill.config import NetworkConfig, StudentConfig, TeacherConfig, TrainConfig, DataConfig
+
+    out = []
+    for section, cls in [("teacher", TeacherConfig), ("student", StudentConfig), ("fake_score", NetworkConfig),
+                         ("discriminator", NetworkConfig), ("data", DataConfig), ("train", TrainConfig)]:
+        hints = typing.get_type_hints(cls)
+        out += [(section, f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+    from stepdistill.objectives.registry import get_objective_class
+
+    dmd = get_objective_class("dmd")
+    out += [("objective", f.name, typing.get_type_hints(dmd)[f.name]) for f in dataclasses.fields(dmd) if f.init]
+    return out
+
+
+KEYED = _leaf_keys()
+edge = st.one_of(st.integers(-2**40, 2**40), st.sampled_from([0, -1, 1, 2**32, 2**32 - 1, 0.0, 1.0, 0.999, -0.5, 1e-300, 1e300]),
+                 st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([".nan", ".inf", "-.inf", "nan", "inf", "[]", "[.nan]",
+                                                                                  "[1.0, 2.0]", "[0.9, 0.999]", "{}", "yes", ""]))
+
+
+@FUZZ
+@given(picks=st.lists(st.tuples(st.sampled_from(KEYED), edge), min_size=1, max_size=4))
+def test_every_key_gives_a_one_line_error_or_a_checked_config(picks):
+    import math
+
+    overrides = [f"{s}.{k}={v}" for (s, k, _), v in picks]
+    try:
+        cfg = load_config("toy2d/dmd", overrides)
+    except StepdistillError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg.strip()
+        return
+    # a config that loads holds the promised ranges
+    t = cfg.train
+    assert t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1 and t.log_every >= 1
+    assert t.checkpoint_every >= 0 and t.sample_every >= 0 and t.keep_checkpoints >= 0 and 0 <= t.seed < 2**32
+    for net in (cfg.student, cfg.fake_score, cfg.discriminator):
+        assert net.lr > 0 and net.grad_clip >= 0 and all(0 <= b < 1 for b in net.betas) and net.mlp_hidden >= 1 and net.fit_steps >= 0
+    assert 0 <= cfg.student.ema_decay < 1
+
+    def finite(x):
+        if isinstance(x, dict):
+            return all(finite(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return all(finite(v) for v in x)
+        return not isinstance(x, float) or math.isfinite(x)
+
+    from stepdistill.config import to_dict
+
+    assert finite(to_dict(cfg)), overrides

@@ -163,7 +163,11 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tmp_path, unet_t
     Trainer(other, tmp_path / "c", progress=False).run(until=1)
     import shutil
 
-    shutil.copy(ckpt / "model.safetensors", latest_checkpoint(tmp_path / "c") / "model.safetensors")
+    from stepdistill.training.checkpoint import _write_marker
+
+    target = latest_checkpoint(tmp_path / "c")
+    shutil.copy(ckpt / "model.safetensors", target / "model.safetensors")
+    _write_marker(target)  # a complete checkpoint, of another layout (a plain copy is caught as damage)
     with pytest.raises(StepdistillError, match="does not match the run's networks"):
         Trainer(other, tmp_path / "c", resume=True, progress=False)
 
@@ -179,7 +183,8 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path):
                    "train.checkpoint_every=3", "student.lr=1e-2"]
 
     def cli(run, kill_at=None):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+        env = dict(os.environ, OMP_NUM_THREADS="1",  # this checkout first, not the installed one
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)]))
         env.pop("STEPDISTILL_TEST_KILL_AT", None)
         if kill_at:
             env["STEPDISTILL_TEST_KILL_AT"] = str(kill_at)

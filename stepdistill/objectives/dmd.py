@@ -26,6 +26,7 @@ import torch
 
 from ..conditioning import guided
 from ..contract import StepdistillError, add_noise, expand_like
+from ..validation import check_range
 from ..sampling import ddim_sample, few_step_sample
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
 from .base import Batch, LossOut, Nets
@@ -61,7 +62,6 @@ class DMD:
     trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range  # local: config imports the registry
 
         check_range("objective.critic_ratio", self.critic_ratio, 1)
         check_range("objective.t_min", self.t_min, 0.0, self.t_max)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..conditioning import concat_cond
 from ..contract import StepdistillError, add_noise, expand_like
+from ..validation import check_range
 from ..adapters.capture import capture, default_feature_layers, feature_dims
 from ..training.networks import unwrap
 from ..schedules import loss_weight
@@ -81,7 +82,6 @@ class DMD2(DMD):
     ca_t_max: float = 0.98
 
     def __post_init__(self):
-        from ..config import check_range
 
         super().__post_init__()
         if self.regression_weight > 0:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import add_noise
+from ..validation import check_range
 from ..adapters.capture import capture, default_feature_layers, feature_dims
 from ..sampling import few_step_sample
 from .base import Batch, LossOut, Nets
@@ -90,7 +91,6 @@ class LADD:
     trains: tuple[str, ...] = field(default=("student", "discriminator"), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range
 
         check_range("objective.disc_ratio", self.disc_ratio, 1)
         check_range("objective.t_min", self.t_min, 0.0, self.t_max)

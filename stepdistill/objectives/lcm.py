@@ -33,6 +33,7 @@ import torch
 
 from ..consistency import consistency_fn, ddim_step
 from ..contract import StepdistillError, add_noise
+from ..validation import check_range
 from .base import Batch, LossOut, Nets
 from .cm_common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, pseudo_huber, sample_guidance
 from .registry import register
@@ -56,7 +57,6 @@ class LCM:
     trains: tuple[str, ...] = field(default=("student",), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range  # local: config imports the registry
 
         check_range("objective.num_ddim_steps", self.num_ddim_steps, 1)
         check_range("objective.t_max", self.t_max, 1e-3, 1.0)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract import StepdistillError, expand_like
+from ..validation import check_range
 from ..training.networks import unwrap
 from ..tangent import TANGENT_METHODS, directional_derivative
 from ..trigflow import TrigFlowView, trig_time, x0_to_F
@@ -84,7 +85,6 @@ class SCM:
     trains: tuple[str, ...] = field(default=("student", "logvar"), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range
 
         check_range("objective.sigma_data", self.sigma_data, 1e-6)
         check_range("objective.p_std", self.p_std, 0.0)

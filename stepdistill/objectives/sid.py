@@ -41,6 +41,7 @@ import torch
 
 from ..conditioning import guided
 from ..contract import StepdistillError, add_noise, expand_like
+from ..validation import check_range, check_choice
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
 from .base import Batch, LossOut, Nets
 from .dmd import _per_sample_mean, _stats
@@ -72,7 +73,6 @@ class SiD:
     trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range, check_choice
 
         check_range("objective.critic_ratio", self.critic_ratio, 1)
         check_range("objective.t_min", self.t_min, 0.0, self.t_max)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import StepdistillError, add_noise, expand_like
+from ..validation import check_range
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
 from .base import Batch, LossOut, Nets
 from .cm_common import guided_per_sample, sample_guidance
@@ -68,7 +69,6 @@ class VSD:
     trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
 
     def __post_init__(self):
-        from ..config import check_range
 
         check_range("objective.critic_ratio", self.critic_ratio, 1)
         check_range("objective.t_min", self.t_min, 0.0, self.t_max)

@@ -23,52 +23,177 @@ from safetensors.torch import load_file, save_file
 from ..contract import StepdistillError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_ASIDE_DIR = re.compile(r"^\.old_step_(\d+)$")  # the previous folder of a same-step re-save, until the new one is in
+MARKER = "COMPLETE"  # written last (file names and sizes), deleted first: a folder without it is not a checkpoint
+
+
+class DamagedCheckpoint(StepdistillError):
+    """A checkpoint folder whose marker is missing or whose files differ from what the marker lists."""
+
+
+def _step(p: Path) -> int:
+    return int((_STEP_DIR.match(p.name) or _ASIDE_DIR.match(p.name)).group(1))
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise ``DamagedCheckpoint`` unless the marker exists and every file it lists has its recorded size."""
+    try:
+        listed = json.loads((ckpt / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DamagedCheckpoint(f"checkpoint {ckpt} is incomplete (no readable {MARKER} marker)") from None
+    for name, size in listed.items():
+        try:
+            actual = (ckpt / name).stat().st_size
+        except OSError:
+            raise DamagedCheckpoint(f"checkpoint {ckpt} lacks {name}") from None
+        if actual != size:
+            raise DamagedCheckpoint(f"checkpoint {ckpt}: {name} is damaged ({actual} bytes, {size} written)")
+
+
+def _complete(p: Path) -> bool:
+    try:
+        verify_checkpoint(p)
+        return True
+    except DamagedCheckpoint:
+        return False
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete, undamaged checkpoints, oldest first (an aside folder stands in for its step while that step is missing)."""
     root = run_dir / "checkpoints"
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    if not root.is_dir():
+        return []
+    by_step: dict[int, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda q: q.name.startswith(".")):  # step_N before .old_step_N
+        if (_STEP_DIR.match(p.name) or _ASIDE_DIR.match(p.name)) and _step(p) not in by_step and _complete(p):
+            by_step[_step(p)] = p
+    return [by_step[k] for k in sorted(by_step)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the newest complete one, else None."""
+def _pointer(run_dir: Path) -> str | None:
     pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        target = run_dir / "checkpoints" / pointer.read_text().strip()
-        if (target / "trainer_state.json").is_file():
-            return target
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not _STEP_DIR.match(name):
+        raise StepdistillError(f"{pointer} must name a step_NNNNNNN folder inside {run_dir / 'checkpoints'}, got {name[:80]!r}; "
+                               "delete the file to use the newest complete checkpoint")
+    return name
+
+
+def resume_candidates(run_dir: Path, log=None) -> list[Path]:
+    """Checkpoints to resume from, best first: the one ``latest`` names, then the others newest first.
+
+    Only folders inside ``<run>/checkpoints`` whose marker and file sizes check out; ``log`` is
+    told about each damaged or missing one newer than the first candidate.
+    """
+    dirs = checkpoint_dirs(run_dir)[::-1]
+    name = _pointer(run_dir)
+    named = [p for p in dirs if p.name == name]
+    cands = named + [p for p in dirs if p not in named]
+    if log is not None:
+        first = _step(cands[0]) if cands else -1
+        root = run_dir / "checkpoints"
+        newer = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and _step(p) > first and p not in cands),
+                       key=_step, reverse=True) if root.is_dir() else []
+        for p in newer:
+            try:
+                verify_checkpoint(p)
+            except DamagedCheckpoint as e:
+                log(f"{e}; using {cands[0] if cands else 'no checkpoint'} instead")
+        if name and not (root / name).exists() and cands:
+            log(f"{root / 'latest'} names {name}, which is missing; using {cands[0]}")
+    return cands
+
+
+def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete one (said through ``log``), else None."""
+    cands = resume_candidates(run_dir, log)
+    return cands[0] if cands else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _write_marker(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")}
+    _write_atomic(folder / MARKER, json.dumps({"files": files}, indent=1))
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its marker first (a half-deleted folder is never taken for a checkpoint)."""
+    try:
+        (folder / MARKER).unlink()
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Remove temporary folders of interrupted saves, and aside folders whose step is back in place."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".tmp_step_") and p.is_dir():
+            _remove(p)
+        elif _ASIDE_DIR.match(p.name) and _complete(root / f"step_{_step(p):07d}"):
+            _remove(p)
+        elif _STEP_DIR.match(p.name) and not _complete(p) and _complete(root / f".old_{p.name}"):
+            _remove(p)  # a half-written re-save: its aside copy is the checkpoint
+    for p in root.iterdir():
+        if _ASIDE_DIR.match(p.name) and not (root / f"step_{_step(p):07d}").exists() and _complete(p):
+            os.replace(p, root / f"step_{_step(p):07d}")  # a re-save killed between its two renames
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, tensors: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep``. Returns its folder."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep``. Returns its folder.
+
+    The new folder is complete (marker last) before anything old is touched. A same-step re-save
+    renames the old folder aside, renames the new one in, and only then deletes the old one.
+    """
     root = run_dir / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
+    aside = root / f".old_step_{step:07d}"
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            clean_stale(run_dir)
+        except OSError as e:
+            raise StepdistillError(f"cannot write checkpoints under {root}: {e.strerror or e}") from None
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except OSError as e:  # e.g. disk full: the temporary folder is dropped, the old checkpoints stay
+        if accelerator.is_main_process:
+            _remove(tmp)
+        raise StepdistillError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoints are intact") from None
     accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
     if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "extra.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "extra.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            _write_marker(tmp)
+        except OSError as e:
+            _remove(tmp)
+            raise StepdistillError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoints are intact") from None
         if final.exists():
-            shutil.rmtree(final)
+            _remove(aside)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
+        if aside.exists():
+            _remove(aside)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -97,9 +222,12 @@ def _check_trimmed(accelerator, ckpt: Path, lora_modules: set[int]) -> None:
     for i, model in enumerate(accelerator._models):
         path = ckpt / f"model{'' if i == 0 else f'_{i}'}.safetensors"
         if not path.is_file():
-            raise StepdistillError(f"checkpoint {ckpt} lacks {path.name}; it was written by a different run layout")
-        with safe_open(str(path), "pt") as f:
-            saved = set(f.keys())
+            raise DamagedCheckpoint(f"checkpoint {ckpt} lacks {path.name}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                saved = set(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise DamagedCheckpoint(f"{path} is damaged ({' '.join(str(e).split())[:120]})") from None
         keys = set(model.state_dict())  # what accelerate saves: the prepared module's own keys
         expected = {k for k in keys if "lora_" in k} if i in lora_modules else keys
         missing, extra = expected - saved, saved - keys
@@ -114,13 +242,17 @@ def load_checkpoint(accelerator, ckpt: Path, lora_modules: set[int] = frozenset(
 
     ``lora_modules``: indices of prepared modules saved trimmed to their adapter weights.
     """
+    verify_checkpoint(ckpt)
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StepdistillError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an older one") from None
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {ckpt} is unreadable ({e})") from None
     _check_trimmed(accelerator, ckpt, set(lora_modules))
-    accelerator.load_state(str(ckpt), strict=False)  # checked above: only the frozen LoRA base keys are absent
-    return state, load_file(str(ckpt / "extra.safetensors"))
+    try:
+        accelerator.load_state(str(ckpt), strict=False)  # checked above: only the frozen LoRA base keys are absent
+        return state, load_file(str(ckpt / "extra.safetensors"))
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise DamagedCheckpoint(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
 
 
 def read_student_weights(ckpt: Path, needed: list[str]) -> tuple[dict, dict, list | None]:
@@ -128,8 +260,12 @@ def read_student_weights(ckpt: Path, needed: list[str]) -> tuple[dict, dict, lis
 
     ``needed``: the keys the student must find (a LoRA student: its adapter keys only).
     """
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    order = state.get("module_order", [])
+    verify_checkpoint(ckpt)
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {ckpt} is unreadable ({e})") from None
+    order = state.get("module_order", []) if isinstance(state, dict) else []
     idx = next((i for i, names in enumerate(order) if "student" in names.split("+")), None)
     if idx is None:
         raise StepdistillError(f"checkpoint {ckpt} has no student network (module_order {order})")

@@ -23,7 +23,7 @@ from ..config import RunConfig, save_config, to_dict
 from ..contract import StepdistillError
 from ..sampling import few_step_sample
 from ..viz import save_samples
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trim_lora_weights
+from .checkpoint import DamagedCheckpoint, latest_checkpoint, load_checkpoint, resume_candidates, save_checkpoint, trim_lora_weights
 from .data import BatchSampler, load_real
 from .networks import Net, unwrap
 from .run import Trainable, build_run, swapped
@@ -95,6 +95,9 @@ class Trainer:
         tc = cfg.train
         if tc.mixed_precision not in ("no", "bf16", "fp16"):
             raise StepdistillError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
+        if tc.mixed_precision == "fp16" and (tc.cpu or not torch.cuda.is_available()):
+            raise StepdistillError("train.mixed_precision=fp16 needs a CUDA device (on CPU it would silently train in fp32); "
+                                   "use train.mixed_precision=bf16 or no")
         _reset_single_process_accelerate_state()  # a second run in one process may use another precision
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -106,6 +109,16 @@ class Trainer:
         if tc.distributed == "fsdp" and "FSDP" not in str(self.accelerator.distributed_type):
             self.log(f"train.distributed=fsdp: accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
                      "CUDA devices); training unsharded")
+        self._lock = None
+        try:
+            self._lock_run_dir()
+            self._setup(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg, tc = self.cfg, self.cfg.train
         self._check_run_dir(resume)
         from accelerate.utils import set_seed
 
@@ -123,7 +136,8 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(tc.seed * 1000 + rank + 500_000)
         self.ema = self._make_ema()
         self.nets.ema_weights = None if self.ema is None else self.ema_weights()
-        self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), 0
+        # non-finite updates in a row, per phase: one phase's success must not hide another that always fails
+        self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), defaultdict(int)
         self.updates = defaultdict(int)
         self._stop_signal = None
         if resume:
@@ -141,6 +155,34 @@ class Trainer:
 
             tqdm.write(msg)
 
+    def _lock_run_dir(self) -> None:
+        """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock`` (main process), held until ``release``."""
+        if not self.accelerator.is_main_process:
+            return
+        import fcntl
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.run_dir / ".lock", "a+")
+        except OSError as e:
+            raise StepdistillError(f"cannot use {self.run_dir} as the run folder: {e.strerror or e}") from None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StepdistillError(f"{self.run_dir} is in use by another training process (it holds {self.run_dir / '.lock'}); "
+                                   "wait for it to finish or choose another --output-dir") from None
+        self._lock = lock
+
+    def release(self) -> None:
+        """Give up the run-folder lock (``run`` does this when it returns or fails)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            lock.close()
+
     def _check_run_dir(self, resume: bool) -> None:
         has_run = latest_checkpoint(self.run_dir) is not None
         if has_run and not resume:
@@ -150,11 +192,20 @@ class Trainer:
         if resume and (self.run_dir / "config.yaml").is_file():
             import yaml
 
-            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-            now = to_dict(self.cfg)
-            diff = [f"{s}.{k}" for s in now for k in now[s] if s != "train" and saved.get(s, {}).get(k) != now[s][k]]
+            try:
+                saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                saved = None
+            if not isinstance(saved, dict):
+                raise StepdistillError(f"{self.run_dir}/config.yaml is unreadable; it is not the config this run was written with")
+            now, old = _flat(to_dict(self.cfg)), _flat(saved)
+            diff = [k for k in sorted(set(now) | set(old)) if k != "train.steps" and now.get(k, _MISSING) != old.get(k, _MISSING)]
             if diff:
-                raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])} differ from {self.run_dir}/config.yaml")
+                raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''} "
+                                       f"differ from {self.run_dir}/config.yaml (only train.steps may grow)")
+            if isinstance(old.get("train.steps"), int) and self.cfg.train.steps < old["train.steps"]:
+                raise StepdistillError(f"train.steps={self.cfg.train.steps} is below the run's {old['train.steps']}; "
+                                       "on resume train.steps may only grow")
 
     def _memory_levers(self) -> None:
         """Attention backend, gradient checkpointing of the trained networks, teacher CPU offload."""
@@ -249,7 +300,7 @@ class Trainer:
             self.updates[tr.name] += 1
             if tr.name == "student" and self.ema is not None:
                 self.ema.step(tr.params)
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row[phase] = 0
         return {f"{phase}/{k}": v for k, v in logs.items()}
 
     def _clip(self, tr: Trainable) -> float:
@@ -263,13 +314,14 @@ class Trainer:
         for tr in group:
             tr.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total[phase] += 1
-        self.nonfinite_in_row += 1
+        self.nonfinite_in_row[phase] += 1
+        in_row = self.nonfinite_in_row[phase]
         self.log(f"step {self.step}: non-finite {what} in phase {phase!r}; update skipped "
-                 f"({self.nonfinite_in_row} in a row, {self.nonfinite_total[phase]} in this phase)")
-        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
+                 f"({in_row} in a row, {self.nonfinite_total[phase]} in this phase)")
+        if in_row >= self.cfg.train.max_nonfinite:
             last = latest_checkpoint(self.run_dir)
             raise NonFiniteError(
-                f"stopping: {self.nonfinite_in_row} non-finite updates in a row (last: {what} in phase {phase!r}, "
+                f"stopping: {in_row} non-finite updates in a row (last: {what} in phase {phase!r}, "
                 f"network {'/'.join(names)}); last good checkpoint: {last or 'none'}. Lower the learning rate or "
                 "check the teacher and data."
             )
@@ -281,6 +333,8 @@ class Trainer:
         """Train to ``train.steps`` rounds (or stop early after round ``until``, with a checkpoint)."""
         tc = self.cfg.train
         last = tc.steps if until is None else min(until, tc.steps)
+        if self._lock is None:
+            self._lock_run_dir()  # a second run() of this trainer (the first released the folder)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -306,23 +360,34 @@ class Trainer:
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.sample_grid(writer)
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    if self.nonfinite_in_row:  # mid-streak: keep the last good checkpoints as they are
+                    if any(self.nonfinite_in_row.values()):  # mid-streak: keep the last good checkpoints as they are
                         self.log(f"round {self.step}: checkpoint skipped during a run of non-finite updates")
                     else:
                         self.save()
-                if self._stop_signal:
+                if self._stop_agreed():
                     self.save()
                     raise StepdistillError(f"stopped by {self._stop_signal} at round {self.step}; checkpoint written, "
                                            "continue with --resume")
+            final = self.sample_grid(writer=None)
+            ckpt = self.save()
         finally:
             self._restore_signal_handlers()
             bar.close()
             if writer:
                 writer.close()
-        final = self.sample_grid(writer=None)
-        ckpt = self.save()
+            self.release()
         return {"run_dir": str(self.run_dir), "steps": self.step, "checkpoint": str(ckpt), "samples": str(final),
                 "nonfinite": dict(self.nonfinite_total), "seconds": round(time.time() - start, 1)}
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal this round (one all-reduce per round under DDP), so all stop together."""
+        if self.accelerator.num_processes == 1:
+            return bool(self._stop_signal)
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if stop and not self._stop_signal:
+            self._stop_signal = "a stop signal on another rank"
+        return stop
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the round, write a checkpoint, stop. A second SIGINT kills at once."""
@@ -412,8 +477,18 @@ class Trainer:
         return save_checkpoint(self.accelerator, self.run_dir, self.step, state, tensors, self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        state, tensors = load_checkpoint(self.accelerator, ckpt, self.lora_modules)
+        """Load the checkpoint ``latest`` names; when it is damaged, the newest complete one before it (and say so)."""
+        skipped = []
+        for ckpt in resume_candidates(self.run_dir, self.log):
+            try:
+                state, tensors = load_checkpoint(self.accelerator, ckpt, self.lora_modules)
+                break
+            except DamagedCheckpoint as e:
+                skipped.append(str(e))
+                self.log(f"{e}; trying an older checkpoint")
+        else:
+            raise StepdistillError(f"no loadable checkpoint in {self.run_dir / 'checkpoints'}"
+                                   f"{': ' + skipped[0] if skipped else ''}")
         self.step = int(state["step"])
         self.updates.update(state.get("updates", {}))
         self.nonfinite_total.update(state.get("nonfinite_total", {}))
@@ -423,7 +498,19 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(tensors[f"ema.{i}"])
             self.ema.optimization_step = state.get("ema_optimization_step", 0)
-        self.log(f"resumed from {ckpt} at round {self.step}")
+        self.log(f"resumed from {ckpt} at round {self.step}" + (f" (skipped {len(skipped)} damaged)" if skipped else ""))
+
+
+_MISSING = object()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (lists compared whole)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: list(v) if isinstance(v, tuple) else v}
+    return out
 
 
 def training_summary(run_dir: str | Path) -> dict | None:
