@@ -61,8 +61,9 @@ def _stock_encode(folder, prompts, chi):
     from diffusers import SanaPipeline
 
     pipe = SanaPipeline.from_pretrained(folder)
-    return pipe.encode_prompt(prompts, True, negative_prompt="", device="cpu", clean_caption=False,
-                              max_sequence_length=300, complex_human_instruction=chi)
+    with torch.no_grad():  # as __call__ runs it
+        return pipe.encode_prompt(prompts, True, negative_prompt="", device="cpu", clean_caption=False,
+                                  max_sequence_length=300, complex_human_instruction=chi)
 
 
 def test_conditioner_is_the_pipelines_encode_prompt(sana_dir):
