@@ -120,29 +120,3 @@ print("OK", tuple(x.shape))
 
 def export_meta(folder: Path) -> dict:
     return json.loads((Path(folder) / "stepdistill_export.json").read_text())
-
-
-def stock_lora_latents(base: Path, lora: Path | None, scheduler: Path, pipeline_class: str, call: str, out: Path) -> torch.Tensor:
-    """``stock_latents`` on the teacher folder ``base`` with ``pipe.load_lora_weights(lora)`` (skipped when None)
-    and the exported scheduler (``scheduler``: a scheduler folder) swapped in, as a model card tells a user to."""
-    code = f"""
-import json, sys, torch, diffusers
-from diffusers import DiffusionPipeline
-from safetensors.torch import save_file
-pipe = DiffusionPipeline.from_pretrained({str(base)!r})
-assert type(pipe).__name__ == {pipeline_class!r}, type(pipe).__name__
-{"pipe.load_lora_weights(" + repr(str(lora)) + ")" if lora else ""}
-name = json.load(open({str(Path(scheduler) / "scheduler_config.json")!r}))["_class_name"]
-pipe.scheduler = getattr(diffusers, name).from_pretrained({str(scheduler)!r})
-pipe.set_progress_bar_config(disable=True)
-g = torch.Generator().manual_seed(0)
-x = pipe({call}, generator=g, output_type="latent").images
-assert "stepdistill" not in sys.modules, "the stock folder must not need stepdistill"
-save_file({{"x": x.float().contiguous()}}, {str(out)!r})
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    return load_file(str(out))["x"]

@@ -3,13 +3,14 @@
 The conditioner's embeddings are ``SanaPipeline.encode_prompt``'s (with ``__call__``'s default
 complex human instruction); 1- and 4-step students, two rounds each, export as a stock
 ``SanaPipeline`` folder that a fresh process (no stepdistill) runs with ``sigmas=`` to the
-toolkit's own latents; a LoRA student round-trips through ``SanaPipeline.load_lora_weights``.
+toolkit's own latents; a LoRA student round-trips through ``SanaPipeline.load_lora_weights`` on the teacher folder.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from stepdistill.export import export_run
 from stepdistill.teachers import load_teacher
 
 PROMPTS = ["a red circle", "Two Blue Squares", "a cat"]
-FLOW = ("objective.critic_weighting=flow", "objective.critic_ratio=1", "data.real=")  # data.real=none is not a spec
+SMALL = ("teacher.dtype=fp32", 'train.mixed_precision="no"', "train.gradient_checkpointing=false", "student.lora_rank=4",
+         "fake_score.lora_rank=4")  # the shipped recipes' real-model settings, shrunk for CPU
+FLOW = ("objective.critic_weighting=flow", "objective.critic_ratio=1")
 SIZE = 16  # latent side; AutoencoderDC below has f = 2: the stock call asks for 32 x 32 pixels (SANA wants multiples of 32)
 
 
@@ -30,8 +33,7 @@ def _chi():
     return inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
 
-@pytest.fixture(scope="module")
-def sana_dir(tmp_path_factory):
+def build_sana(folder):
     """A tiny SanaPipeline folder with the published DPM-Solver flow scheduler (flow_shift 3)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
@@ -52,9 +54,13 @@ def sana_dir(tmp_path_factory):
                         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
                         scaling_factor=0.41407)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    folder = tmp_path_factory.mktemp("sana") / "tiny-sana"
     SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer, scheduler=scheduler).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def sana_dir(tmp_path_factory):
+    return build_sana(tmp_path_factory.mktemp("sana") / "tiny-sana")
 
 
 def _stock_encode(folder, prompts, chi):
@@ -80,8 +86,6 @@ def test_conditioner_is_the_pipelines_encode_prompt(sana_dir):
 
 
 def test_no_chi_from_metadata(sana_dir, tmp_path):
-    import shutil
-
     folder = tmp_path / "no-chi"
     shutil.copytree(sana_dir, folder)
     (folder / "stepdistill_teacher.json").write_text(json.dumps({"complex_human_instruction": None, "max_sequence_length": 40}))
@@ -104,18 +108,38 @@ def _toolkit(run, prompts=PROMPTS):
     return fh.toolkit_latents(run, {"prompt_embeds": pe, "prompt_attention_mask": pm}, seed=0)
 
 
-@pytest.mark.parametrize("times", [[1.0], [1.0, 0.75, 0.5, 0.25]])
-def test_export_replays_the_student(tmp_path, sana_dir, times):
-    run = fh.train(tmp_path, sana_dir, "digits-sd/dmd2", times, PROMPTS, *FLOW, "student.lr=1e-3", "fake_score.lr=1e-3")
+def _replays(tmp_path, run, times):
     out = tmp_path / "export"
     meta = export_run(run, out)
-    assert meta["pipeline"] == "SanaPipeline" and meta["call"][str(len(times))]["sigmas"] == times
+    assert meta["pipeline"] == "SanaPipeline" and meta["call_kwargs"][str(len(times))]["sigmas"] == times
+    assert f"sigmas={times!r}, guidance_scale=1.0" in (out / "README.md").read_text()
     stock = fh.stock_latents(out, "SanaPipeline", _call(times), tmp_path / "stock.safetensors")
     ours = _toolkit(run)
     assert stock.shape == ours.shape == (3, 4, SIZE, SIZE)
     assert (stock - ours).abs().max() <= fh.TOL
     assert (ours - fh.toolkit_latents(run, {"prompt_embeds": torch.zeros(3, 300, 8)}, 0)).abs().max() > 1e-4  # prompts matter
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.0
+
+
+@pytest.mark.parametrize("recipe, times", [("sana/dmd2", [1.0]), ("digits-sd/dmd2", [1.0, 0.75, 0.5, 0.25])])
+def test_export_replays_the_student(tmp_path, sana_dir, recipe, times):
+    """The shipped SANA recipe (LoRA student, merged at export) at one step; a full-copy student at four."""
+    run = fh.train(tmp_path, sana_dir, recipe, times, PROMPTS, *FLOW, *SMALL, "student.lr=1e-3", "fake_score.lr=1e-3")
+    _replays(tmp_path, run, times)
+
+
+def test_scm_ladd_recipe_student_exports_as_sana(tmp_path, sana_dir):
+    """The SANA-Sprint-style recipe trains a flow-time student, which exports as a plain SanaPipeline."""
+    import yaml
+
+    from stepdistill.config import resolve_recipe
+
+    recipe = yaml.safe_load(resolve_recipe("sana/scm-ladd").read_text())
+    for part in recipe["objective"]["parts"]:
+        part |= {"synthetic_pool": 4, "synthetic_steps": 2}  # a tiny teacher-sample pool: seconds, not minutes
+    (tmp_path / "scm-ladd.yaml").write_text(yaml.safe_dump(recipe))
+    run = fh.train(tmp_path, sana_dir, str(tmp_path / "scm-ladd.yaml"), [1.0], PROMPTS, *SMALL)
+    _replays(tmp_path, run, [1.0])
 
 
 def test_lora_student_round_trips_through_load_lora_weights(tmp_path, sana_dir):
@@ -126,16 +150,25 @@ def test_lora_student_round_trips_through_load_lora_weights(tmp_path, sana_dir):
     assert meta["lora_file"].endswith("pytorch_lora_weights.safetensors")
     ours = _toolkit(run)
     merged = fh.stock_latents(out, "SanaPipeline", _call(times), tmp_path / "merged.safetensors")
-    adapter = fh.stock_lora_latents(sana_dir, out / "lora", out / "scheduler", "SanaPipeline", _call(times),
-                                    tmp_path / "lora.safetensors")
+    base = tmp_path / "teacher-base"  # the teacher with the export's scheduler, as the card says
+    shutil.copytree(sana_dir, base)
+    shutil.rmtree(base / "scheduler")
+    shutil.copytree(out / "scheduler", base / "scheduler")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    adapter = fh.stock_latents(out, "SanaPipeline", _call(times), tmp_path / "lora.safetensors", load_lora=out / "lora", base=base)
     assert (merged - ours).abs().max() <= fh.TOL and (adapter - ours).abs().max() <= fh.TOL
-    base = fh.stock_lora_latents(sana_dir, None, out / "scheduler", "SanaPipeline", _call(times), tmp_path / "base.safetensors")
-    assert (base - ours).abs().max() > 1e-4  # the adapter changed the network
+    assert _weight_change(sana_dir, out) > 0  # the adapter changed the network
+
+
+def _weight_change(teacher, out) -> float:
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(f / "transformer" / "diffusion_pytorch_model.safetensors")) for f in (teacher, out))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_sana_sprint_is_refused(sana_dir, tmp_path):
-    import shutil
-
     folder = tmp_path / "sprint"
     shutil.copytree(sana_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())

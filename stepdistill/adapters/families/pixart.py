@@ -88,5 +88,8 @@ class PixArt(Family):
             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": index.get("vae", ["diffusers", "AutoencoderKL"])})
         args = encoding_args(job.teacher.info or {})
         call = {str(n): {"num_inference_steps": n, "guidance_scale": 1.0, **args} for n in job.times}
-        return {"pipeline": "PixArtSigmaPipeline", "scheduler": "LCMScheduler", "call": call,
-                "text_encoder_in_folder": (job.out / "text_encoder").is_dir()}
+        return {"pipeline": "PixArtSigmaPipeline", "scheduler": "LCMScheduler", "call_kwargs": call,
+                "text_encoder_in_folder": (job.out / "text_encoder").is_dir(),
+                "step_noise": "LCMScheduler re-noises x0 to the next timestep with the call's generator; keep "
+                              "clean_caption=False (the student was trained on uncleaned captions); no diffusers LoRA loader "
+                              "for PixArt, the weights are merged"}

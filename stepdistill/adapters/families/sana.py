@@ -117,11 +117,14 @@ class Sana(Family):
             "tokenizer": index.get("tokenizer", ["transformers", "GemmaTokenizer"]),
             "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": index.get("vae", ["diffusers", "AutoencoderDC"])})
         args = encoding_args(job.teacher.info or {})
-        call = {str(n): {"sigmas": [float(t) for t in ts], "guidance_scale": 1.0,
-                         "max_sequence_length": args["max_sequence_length"]} for n, ts in job.times.items()}
-        written = {"pipeline": "SanaPipeline", "scheduler": "FlowMatchEulerDiscreteScheduler", "call": call,
-                   "complex_human_instruction": "pipeline default" if args["complex_human_instruction"] == default_chi()
-                   else args["complex_human_instruction"], "text_encoder_in_folder": (job.out / "text_encoder").is_dir()}
+        text = {"max_sequence_length": args["max_sequence_length"]}
+        if args["complex_human_instruction"] != default_chi():  # trained without __call__'s default: the caller must say so
+            text["complex_human_instruction"] = args["complex_human_instruction"]
+        call = {str(n): {"sigmas": [float(t) for t in ts], "guidance_scale": 1.0, **text} for n, ts in job.times.items()}
+        written = {"pipeline": "SanaPipeline", "scheduler": "FlowMatchEulerDiscreteScheduler", "call_kwargs": call,
+                   "text_encoder_in_folder": (job.out / "text_encoder").is_dir(),
+                   "step_noise": "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) re-noises x0 to the next sigma with "
+                                 "the call's generator (SanaPipeline passes it to scheduler.step)"}
         if job.lora_state is not None:
             written["lora_file"] = save_lora("SanaPipeline", job, component="transformer")
         return written
