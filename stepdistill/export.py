@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 
@@ -45,16 +44,19 @@ from .teachers import DTYPES
 from .training.networks import merged_model as merged_student
 
 PIPELINE_FILE = pipeline_file()
-CONSISTENCY_OBJECTIVES = ("lcm", "scm")
 
 
-def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, last: int | None = None) -> dict[int, list[float]]:
-    """Continuous times per exported step count (``last``: VP teachers' top timestep, times snap to its grid)."""
+def _times_for(steps: list[int], run_times: tuple[float, ...], objective, last: int | None = None) -> dict[int, list[float]]:
+    """Continuous times per exported step count (``last``: VP teachers' top timestep, times snap to its grid).
+
+    Step counts other than the trained one need ``objective.exports_any_step_count`` (consistency
+    students: lcm, scm, compositions with one of them).
+    """
     out = {}
     for n in steps:
         if n == len(run_times):
             out[n] = [float(t) for t in run_times]
-        elif set(re.split(r"[^a-z0-9]+", objective)) & set(CONSISTENCY_OBJECTIVES):  # lcm, scm, compose(scm+ladd)
+        elif getattr(objective, "exports_any_step_count", False):  # objectives outside the base (dotted paths) lack it
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
             ts = [top * (n - k) / n for k in range(n)]
             if last and top == 1.0:  # VP from the top: LCMScheduler's own grid (what the stock SD pipelines replay)
@@ -62,8 +64,8 @@ def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, l
             else:  # floor, as run.student_times
                 out[n] = [math.floor(t * last + 1e-6) / last for t in ts] if last else ts
         else:
-            raise StepdistillError(f"--steps {n}: this {objective} student was trained for {len(run_times)} step(s) at "
-                                   f"times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
+            raise StepdistillError(f"--steps {n}: this {_objective_name(objective)} student was trained for {len(run_times)} step(s) "
+                                   f"at times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
     return out
 
 
@@ -91,7 +93,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     objective = _objective_name(cfg.objective)
     schedule = teacher.denoiser.schedule
     last = schedule.num_train_timesteps - 1 if getattr(schedule, "kind", "") == "vp" else None
-    times = _times_for(steps or [len(student.times)], tuple(student.times), objective, last)
+    times = _times_for(steps or [len(student.times)], tuple(student.times), cfg.objective, last)
     record = teacher.denoiser.record
     lora_state = None
     if lora and not record.lora_loader:
