@@ -115,7 +115,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     meta["training"] = training_summary(run_dir)
     meta["eval"] = _eval_numbers(run_dir)
     (out / "stepdistill_export.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(meta, out))
+    model_card(meta, out).save(out / "README.md")
     return meta
 
 
@@ -153,8 +153,18 @@ def _stock_call_usage(meta: dict, out: Path) -> tuple[str, str]:
     return "\n".join(lines), extra
 
 
-def model_card(meta: dict, out: Path) -> str:
-    """The exported folder's README.md."""
+def model_card(meta: dict, out: Path):
+    """The exported folder's README.md as a ``huggingface_hub.ModelCard`` (Hub metadata + usage text)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    text_to_image = meta.get("num_classes") is None
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if text_to_image else None,
+                         tags=["stepdistill", "diffusion-distillation", str(meta["objective"])])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _card_text(meta, out))
+
+
+def _card_text(meta: dict, out: Path) -> str:
+    """The card's Markdown body: what the student is and how to load it."""
     steps = meta["steps"]
     n = steps[0]
     if meta["pipeline"] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
@@ -203,4 +213,36 @@ def model_card(meta: dict, out: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["export_run", "merged_student", "lcm_grid", "model_card"]
+def hub_preflight(repo_id: str) -> str:
+    """A Hub token that can reach the Hub, checked BEFORE anything is exported (one-line errors otherwise)."""
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
+    if not token:
+        raise StepdistillError(f"--push-to-hub {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN "
+                               "(nothing was exported)")
+    try:
+        huggingface_hub.HfApi().whoami(token=token)
+    except Exception as e:  # offline, DNS, proxy, bad token: all one line, before any file is written
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise StepdistillError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face Hub with this token "
+                               f"({type(e).__name__}: {first}); nothing was exported") from None
+    return token
+
+
+def push_to_hub(out: str | Path, repo_id: str, token: str) -> str:
+    """Upload an exported folder as ONE commit (the Hub repo gets all of it or none); returns the commit URL."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="stepdistill export")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise StepdistillError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {first}); the export in {out} "
+                               f"is complete, retry with `hf upload {repo_id} {out}`") from None
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["export_run", "merged_student", "lcm_grid", "model_card", "hub_preflight", "push_to_hub"]
