@@ -85,11 +85,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_run
+    from .export import export_run, hub_preflight, push_to_hub
 
+    token = hub_preflight(args.push_to_hub) if args.push_to_hub else None  # before any file is written
     meta = export_run(args.run_dir, args.out_dir, args.steps, use_ema=args.ema, lora=args.lora, dtype=args.dtype)
-    print(json.dumps({"out": args.out_dir, "pipeline": meta["pipeline"], "scheduler": meta["scheduler"],
-                      "steps": meta["steps"], "model_card": str(Path(args.out_dir) / "README.md")}, indent=1))
+    summary = {"out": args.out_dir, "pipeline": meta["pipeline"], "scheduler": meta["scheduler"],
+               "steps": meta["steps"], "model_card": str(Path(args.out_dir) / "README.md")}
+    if args.push_to_hub:
+        summary["hub_commit"] = push_to_hub(args.out_dir, args.push_to_hub, token)
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights when the run kept them (default)")
     p.add_argument("--lora", action="store_true", help="LoRA students of SD-style teachers: also write the adapter for load_lora_weights")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to the Hugging Face Hub repo REPO "
+                   "(user/name) as one commit; token and Hub are checked before anything is written")
     p = add("plan", "estimate parameters, optimizer state and activation memory of a recipe before training "
             "(exit 1 when it will not fit --device)", _cmd_plan)
     p.add_argument("recipe", help="recipe file or shipped name")

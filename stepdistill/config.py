@@ -41,8 +41,8 @@ class NetworkConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 10.0  # max gradient norm (0 = off); DMD2: 10
-    warmup_steps: int = 0  # linear LR warm-up, in updates of this network
-    lr_schedule: str = "constant"  # constant | cosine (to 0 over train.steps; a resume with more steps stretches it)
+    warmup_steps: int = 0  # linear LR warm-up from 0, in updates of this network (diffusers get_scheduler)
+    lr_schedule: str = "constant"  # constant | cosine | linear | cosine_with_restarts | polynomial: diffusers.optimization.get_scheduler (decays over train.steps; a resume with more steps stretches it)
     lora_rank: int = 16  # LoRA rank r (init=lora)
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / r)
     lora_targets: list[str] = field(default_factory=list)  # module names; empty = defaults for the model
@@ -53,7 +53,7 @@ class NetworkConfig:
 
     def __post_init__(self):
         check_choice("init", self.init, ("copy", "lora", "fit"))
-        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"))
         # names without a section: _build prefixes them with the section (student., fake_score., ...)
         check_range("lr", self.lr, 0.0)
         if self.lr <= 0:
@@ -112,6 +112,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations of the trained diffusers networks in backward (less memory, ~30% slower)
     distributed: str = "ddp"  # ddp (replicate) | fsdp (shard the trained full networks; FSDP2 via accelerate; not with LoRA)
     attention: str = "auto"  # auto (xformers when installed and on a GPU, else torch SDPA) | sdpa | xformers
+    report_to: str = "tensorboard"  # accelerate trackers, comma-separated: tensorboard (<run>/tensorboard) | wandb | comet_ml | mlflow | aim | clearml | dvclive | swanlab | trackio | all (every installed one) | none
 
     def __post_init__(self):
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))

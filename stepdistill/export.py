@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 
@@ -45,16 +44,19 @@ from .teachers import DTYPES
 from .training.networks import merged_model as merged_student
 
 PIPELINE_FILE = pipeline_file()
-CONSISTENCY_OBJECTIVES = ("lcm", "scm")
 
 
-def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, last: int | None = None) -> dict[int, list[float]]:
-    """Continuous times per exported step count (``last``: VP teachers' top timestep, times snap to its grid)."""
+def _times_for(steps: list[int], run_times: tuple[float, ...], objective, last: int | None = None) -> dict[int, list[float]]:
+    """Continuous times per exported step count (``last``: VP teachers' top timestep, times snap to its grid).
+
+    Step counts other than the trained one need ``objective.exports_any_step_count`` (consistency
+    students: lcm, scm, compositions with one of them).
+    """
     out = {}
     for n in steps:
         if n == len(run_times):
             out[n] = [float(t) for t in run_times]
-        elif set(re.split(r"[^a-z0-9]+", objective)) & set(CONSISTENCY_OBJECTIVES):  # lcm, scm, compose(scm+ladd)
+        elif getattr(objective, "exports_any_step_count", False):  # objectives outside the base (dotted paths) lack it
             top = float(run_times[0])  # a consistency student maps any time to x0: evenly spaced from its top time
             ts = [top * (n - k) / n for k in range(n)]
             if last and top == 1.0:  # VP from the top: LCMScheduler's own grid (what the stock SD pipelines replay)
@@ -62,8 +64,8 @@ def _times_for(steps: list[int], run_times: tuple[float, ...], objective: str, l
             else:  # floor, as run.student_times
                 out[n] = [math.floor(t * last + 1e-6) / last for t in ts] if last else ts
         else:
-            raise StepdistillError(f"--steps {n}: this {objective} student was trained for {len(run_times)} step(s) at "
-                                   f"times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
+            raise StepdistillError(f"--steps {n}: this {_objective_name(objective)} student was trained for {len(run_times)} step(s) "
+                                   f"at times {list(run_times)}; only consistency students (lcm, scm) export other step counts")
     return out
 
 
@@ -91,7 +93,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     objective = _objective_name(cfg.objective)
     schedule = teacher.denoiser.schedule
     last = schedule.num_train_timesteps - 1 if getattr(schedule, "kind", "") == "vp" else None
-    times = _times_for(steps or [len(student.times)], tuple(student.times), objective, last)
+    times = _times_for(steps or [len(student.times)], tuple(student.times), cfg.objective, last)
     record = teacher.denoiser.record
     lora_state = None
     if lora and not record.lora_loader:
@@ -113,7 +115,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
     meta["training"] = training_summary(run_dir)
     meta["eval"] = _eval_numbers(run_dir)
     (out / "stepdistill_export.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(meta, out))
+    model_card(meta, out).save(out / "README.md")
     return meta
 
 
@@ -151,8 +153,18 @@ def _stock_call_usage(meta: dict, out: Path) -> tuple[str, str]:
     return "\n".join(lines), extra
 
 
-def model_card(meta: dict, out: Path) -> str:
-    """The exported folder's README.md."""
+def model_card(meta: dict, out: Path):
+    """The exported folder's README.md as a ``huggingface_hub.ModelCard`` (Hub metadata + usage text)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    text_to_image = meta.get("num_classes") is None
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if text_to_image else None,
+                         tags=["stepdistill", "diffusion-distillation", str(meta["objective"])])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + _card_text(meta, out))
+
+
+def _card_text(meta: dict, out: Path) -> str:
+    """The card's Markdown body: what the student is and how to load it."""
     steps = meta["steps"]
     n = steps[0]
     if meta["pipeline"] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
@@ -201,4 +213,36 @@ def model_card(meta: dict, out: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["export_run", "merged_student", "lcm_grid", "model_card"]
+def hub_preflight(repo_id: str) -> str:
+    """A Hub token that can reach the Hub, checked BEFORE anything is exported (one-line errors otherwise)."""
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
+    if not token:
+        raise StepdistillError(f"--push-to-hub {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN "
+                               "(nothing was exported)")
+    try:
+        huggingface_hub.HfApi().whoami(token=token)
+    except Exception as e:  # offline, DNS, proxy, bad token: all one line, before any file is written
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise StepdistillError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face Hub with this token "
+                               f"({type(e).__name__}: {first}); nothing was exported") from None
+    return token
+
+
+def push_to_hub(out: str | Path, repo_id: str, token: str) -> str:
+    """Upload an exported folder as ONE commit (the Hub repo gets all of it or none); returns the commit URL."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="stepdistill export")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise StepdistillError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {first}); the export in {out} "
+                               f"is complete, retry with `hf upload {repo_id} {out}`") from None
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["export_run", "merged_student", "lcm_grid", "model_card", "hub_preflight", "push_to_hub"]

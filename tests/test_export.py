@@ -230,11 +230,15 @@ def test_export_refuses_bad_input(tmp_path, unet_teacher_dir, sd_dir):
 
 
 def test_step_counts_a_student_can_export():
+    from stepdistill.config import build_objective_config
     from stepdistill.export import _times_for
 
-    assert _times_for([1], (0.95,), "dmd") == {1: [0.95]}
-    assert _times_for([2, 4], (1.0,), "compose(scm+ladd)") == {2: [1.0, 0.5], 4: [1.0, 0.75, 0.5, 0.25]}
-    assert _times_for([2], (0.95,), "lcm", last=999)[2] == [949 / 999, 474 / 999]  # snapped to the VP grid (floor)
-    assert _times_for([2, 4], (1.0,), "lcm", last=999) == {2: [1.0, 499 / 999], 4: [1.0, 749 / 999, 499 / 999, 249 / 999]}
-    with pytest.raises(StepdistillError, match="only consistency students"):
-        _times_for([2], (0.95,), "compose(dmd2+ladd)")
+    def obj(name, *parts):  # the capability is the objective's attribute, not its name
+        return build_objective_config({"name": name} | ({"parts": [{"name": p} for p in parts]} if parts else {}))
+
+    assert _times_for([1], (0.95,), obj("dmd")) == {1: [0.95]}
+    assert _times_for([2, 4], (1.0,), obj("compose", "scm", "ladd")) == {2: [1.0, 0.5], 4: [1.0, 0.75, 0.5, 0.25]}
+    assert _times_for([2], (0.95,), obj("lcm"), last=999)[2] == [949 / 999, 474 / 999]  # snapped to the VP grid (floor)
+    assert _times_for([2, 4], (1.0,), obj("lcm"), last=999) == {2: [1.0, 499 / 999], 4: [1.0, 749 / 999, 499 / 999, 249 / 999]}
+    with pytest.raises(StepdistillError, match=r"compose\(dmd2\+ladd\) student .* only consistency students"):
+        _times_for([2], (0.95,), obj("compose", "dmd2", "ladd"))

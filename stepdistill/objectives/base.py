@@ -9,12 +9,13 @@ does all of that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..contract import Denoiser
+from ..validation import check_choice, check_range
 
 
 @dataclass
@@ -59,18 +60,67 @@ class LossOut:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-@runtime_checkable
-class Objective(Protocol):
-    trains: tuple[str, ...]  # networks it updates, e.g. ("student", "fake_score")
-    phases: dict[str, int]  # phase -> updates per round, e.g. {"fake_score": 5, "student": 1}
+class Objective:
+    """Base of every objective: defaults for the parts the papers do not differ in.
+
+    A subclass is a ``@dataclass`` whose fields are its hyperparameters. It declares:
+
+    * ``trains``: the networks it updates (default: the student); ``phases``: phase -> updates per
+      round (default ``{"student": 1}``), a property when a hyperparameter sets a count;
+    * one ``<phase>_loss(nets, batch, rng) -> LossOut`` method per phase (``loss`` dispatches);
+    * ``ranges`` / ``choices``: the checks of its fields (run after ``__init__``, one-line errors);
+    * capabilities as attributes: ``is_consistency`` (a consistency function: maps any time to
+      x0) and ``exports_any_step_count`` (export may write other step counts than trained).
+
+    Optional members with defaults: ``phase_updates`` (a phase updates the network it is named
+    after), ``extra_networks`` (none), ``graph_nets`` (each phase keeps its updated networks'
+    activations), ``setup`` (per-run state after the checks).
+    """
+
+    trains: tuple[str, ...] = ("student",)  # networks it updates, e.g. ("student", "fake_score")
+    phases: dict[str, int] = {"student": 1}  # phase -> updates per round, e.g. {"fake_score": 5, "student": 1}
+    ranges: dict[str, tuple] = {}  # field -> (low, high); None = unbounded, a str names another field
+    choices: dict[str, tuple] = {}  # field -> allowed values
+    is_consistency: bool = False  # a consistency function f(x_t, t) -> x0 for any t (LCM, sCM)
+    exports_any_step_count: bool = False  # export may write step counts other than the trained ones
+
+    def __post_init__(self):
+        self.check()
+        self.setup()
+
+    def check(self) -> None:
+        """Range and choice checks of the fields (``objective.<field>`` in the error)."""
+        for name, (low, high) in self.ranges.items():
+            check_range(f"objective.{name}", getattr(self, name), self._bound(low), self._bound(high))
+        for name, allowed in self.choices.items():
+            check_choice(f"objective.{name}", getattr(self, name), allowed)
+
+    def _bound(self, bound):
+        return getattr(self, bound) if isinstance(bound, str) else bound
+
+    def setup(self) -> None:
+        """State that is not a hyperparameter (pools, counters); runs after the checks."""
 
     def phase_updates(self, phase: str) -> tuple[str, ...]:
-        """Which networks a phase updates."""
-        ...
+        """Which networks a phase updates (default: the one it is named after)."""
+        return (phase,)
 
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut: ...
+    @property
+    def graph_nets(self) -> dict[str, tuple[str, ...]]:
+        """Activations kept per phase, for ``stepdistill plan`` (default: the phase's updated networks)."""
+        return {p: tuple(self.phase_updates(p)) for p in self.phases}
 
-    # Optional: ``extra_networks(teacher) -> dict[name, nn.Module]`` builds trainable networks of
-    # the objective's own (e.g. discriminator heads). Their names appear in ``trains``; the trainer
-    # gives each an optimizer from the run's ``discriminator`` section, prepares, checkpoints and
-    # isolates them like the student, and passes them to ``loss`` as ``nets.extra[name]``.
+    def extra_networks(self, teacher) -> dict[str, nn.Module]:
+        """Trainable networks of the objective's own (e.g. discriminator heads), named in ``trains``.
+
+        The trainer gives each an optimizer from the run's ``discriminator`` section, prepares,
+        checkpoints and isolates them like the student, and passes them as ``nets.extra[name]``.
+        """
+        return {}
+
+    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
+        """The loss of one update of ``phase``: ``self.<phase>_loss(nets, batch, rng)``."""
+        method = getattr(self, f"{phase}_loss", None) if phase in self.phases else None
+        if method is None:
+            raise ValueError(f"{type(self).__name__} has no phase {phase!r}")
+        return method(nets, batch, rng)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..contract import StepdistillError
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .registry import register
 
 SHARED = ("student", "fake_score")  # networks the trainer builds; never prefixed
@@ -42,6 +42,11 @@ class Part:
 
 def _fields(obj) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _has(obj, capability: str) -> bool:
+    """A capability of a part; False for parts that do not derive from ``Objective`` (dotted paths)."""
+    return bool(getattr(obj, capability, False))
 
 
 def _build_part(i: int, raw, labels: set[str]) -> Part:
@@ -65,12 +70,12 @@ def _build_part(i: int, raw, labels: set[str]) -> Part:
 
 @register("compose")
 @dataclass
-class Compose:
+class Compose(Objective):
     parts: list[dict] = field(default_factory=list)  # [{name, weight, <that objective's keys>}, ...]; e.g. scm 1.0 + ladd 0.1
 
-    trains: tuple[str, ...] = field(default=(), init=False, repr=False)
+    trains = ()
 
-    def __post_init__(self):
+    def setup(self):
         if not self.parts:
             raise StepdistillError("objective.parts is empty: list the objectives to combine, e.g. "
                                    "[{name: scm, weight: 1.0}, {name: ladd, weight: 0.1}]")
@@ -86,6 +91,8 @@ class Compose:
                 if self._phases.setdefault(phase, count) != count:
                     raise StepdistillError(f"objective.parts: phase {phase!r} runs {self._phases[phase]} update(s) per round in one "
                                            f"part but {count} in {p.label}; make the counts equal")
+        self.is_consistency = any(_has(p.objective, "is_consistency") for p in built)  # e.g. sCM + LADD
+        self.exports_any_step_count = any(_has(p.objective, "exports_any_step_count") for p in built)
 
     @property
     def phases(self) -> dict[str, int]:
@@ -102,7 +109,7 @@ class Compose:
         for phase in self._phases:
             nets = []
             for p in self._in(phase):
-                own = getattr(p.objective, "graph_nets", None) or {}
+                own = getattr(p.objective, "graph_nets", None) or {}  # parts outside the base (dotted paths) may lack it
                 nets += [p.names.get(n, n) for n in own.get(phase, p.objective.phase_updates(phase))]
             out[phase] = tuple(dict.fromkeys(nets))
         return out

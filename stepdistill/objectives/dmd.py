@@ -20,16 +20,15 @@ Fake-score phase (denoising score matching on the student's samples, DMD Eq. 6):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..conditioning import guided
-from ..contract import StepdistillError, add_noise, expand_like
-from ..validation import check_range
+from ..contract import add_noise, expand_like
 from ..sampling import ddim_sample, few_step_sample
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .score_common import student_sample
 from .registry import register
 
@@ -44,7 +43,7 @@ def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
 
 @register("dmd")
 @dataclass
-class DMD:
+class DMD(Objective):
     guidance_scale: float = 1.0  # teacher CFG scale kappa_real (Ho-Salimans; 1 = off)
     fake_guidance_scale: float = 1.0  # CFG on the fake score (DMD/DMD2: 1)
     t_min: float = 0.02  # DM-gradient times t ~ U[t_min, t_max] (DMD: [0.02T, 0.98T])
@@ -59,31 +58,17 @@ class DMD:
     regression_steps: int = 25  # teacher ODE steps used to make the pairs
     regression_seed: int = 1234  # seed of the pair set (fixed: resume-safe)
 
-    trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
+    trains = ("student", "fake_score")
+    ranges = {"critic_ratio": (1, None), "t_min": (0.0, "t_max"), "critic_t_min": (0.0, "critic_t_max"),
+              "regression_weight": (0.0, None)}
+    choices = {"critic_weighting": LOSS_WEIGHTINGS}
 
-    def __post_init__(self):
-
-        check_range("objective.critic_ratio", self.critic_ratio, 1)
-        check_range("objective.t_min", self.t_min, 0.0, self.t_max)
-        check_range("objective.critic_t_min", self.critic_t_min, 0.0, self.critic_t_max)
-        check_range("objective.regression_weight", self.regression_weight, 0.0)
-        if self.critic_weighting not in LOSS_WEIGHTINGS:
-            raise StepdistillError(f"objective.critic_weighting must be one of {LOSS_WEIGHTINGS}, got {self.critic_weighting!r}")
-        self._pairs = None
+    def setup(self):
+        self._pairs = None  # teacher ODE pairs, made on first use
 
     @property
     def phases(self) -> dict[str, int]:
         return {"fake_score": self.critic_ratio, "student": 1}
-
-    def phase_updates(self, phase: str) -> tuple[str, ...]:
-        return (phase,)
-
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase == "fake_score":
-            return self.fake_score_loss(nets, batch, rng)
-        if phase == "student":
-            return self.student_loss(nets, batch, rng)
-        raise ValueError(f"DMD has no phase {phase!r}")
 
     def fake_score_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         with torch.no_grad():  # K-step students: the output of a random step k (backward simulation, DMD2 Sec. 4.5)

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from ..conditioning import concat_cond
 from ..contract import StepdistillError, add_noise, expand_like
-from ..validation import check_range
 from ..adapters.capture import capture, default_feature_layers, feature_dims
 from ..training.networks import unwrap
 from ..schedules import loss_weight
@@ -81,18 +80,14 @@ class DMD2(DMD):
     ca_t_min: float = 0.02  # CA-term times tau ~ U[ca_t_min, ca_t_max] [unverified]
     ca_t_max: float = 0.98
 
-    def __post_init__(self):
+    ranges = DMD.ranges | {"gan_weight": (0.0, None), "gan_d_weight": (0.0, None), "gan_t_min": (0.0, "gan_t_max"),
+                           "gan_t_max": (0.0, 1.0), "ca_t_min": (0.0, "ca_t_max"), "head_hidden": (1, None)}
 
-        super().__post_init__()
+    def setup(self):
+        super().setup()
         if self.regression_weight > 0:
             raise StepdistillError("objective.regression_weight: DMD2 drops DMD's regression loss (the GAN term replaces it); "
                                    "use objective.name=dmd for regression")
-        check_range("objective.gan_weight", self.gan_weight, 0.0)
-        check_range("objective.gan_d_weight", self.gan_d_weight, 0.0)
-        check_range("objective.gan_t_min", self.gan_t_min, 0.0, self.gan_t_max)
-        check_range("objective.gan_t_max", self.gan_t_max, 0.0, 1.0)
-        check_range("objective.ca_t_min", self.ca_t_min, 0.0, self.ca_t_max)
-        check_range("objective.head_hidden", self.head_hidden, 1)
         self.trains = ("student", "fake_score", "gan_head") if self.gan else ("student", "fake_score")
 
     @property

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import add_noise
-from ..validation import check_range
 from ..adapters.capture import capture, default_feature_layers, feature_dims
 from ..sampling import few_step_sample
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .cm_common import CleanSamples
 from .registry import register
 
@@ -76,7 +75,7 @@ def _device(module) -> torch.device:
 
 @register("ladd")
 @dataclass
-class LADD:
+class LADD(Objective):
     guidance_scale: float = 1.0  # teacher CFG baked into the teacher-made "real" samples (without data.real)
     logit_mean: float = 1.0  # re-noise t = sigmoid(N(m, s^2)) (LADD: high-noise bias m ~ 1, s ~ 1 [unverified])
     logit_std: float = 1.0
@@ -88,23 +87,16 @@ class LADD:
     synthetic_pool: int = 512  # teacher samples made once (fixed seed) and drawn from; 0 = fresh each batch
     synthetic_steps: int = 16  # teacher PF-ODE steps per synthetic sample
 
-    trains: tuple[str, ...] = field(default=("student", "discriminator"), init=False, repr=False)
+    trains = ("student", "discriminator")
+    ranges = {"disc_ratio": (1, None), "t_min": (0.0, "t_max"), "t_max": (0.0, 1.0), "logit_std": (0.0, None),
+              "head_hidden": (1, None)}
 
-    def __post_init__(self):
-
-        check_range("objective.disc_ratio", self.disc_ratio, 1)
-        check_range("objective.t_min", self.t_min, 0.0, self.t_max)
-        check_range("objective.t_max", self.t_max, 0.0, 1.0)
-        check_range("objective.logit_std", self.logit_std, 0.0)
-        check_range("objective.head_hidden", self.head_hidden, 1)
+    def setup(self):
         self._data = CleanSamples(self.synthetic_pool, self.synthetic_steps, self.guidance_scale)
 
     @property
     def phases(self) -> dict[str, int]:
         return {"discriminator": self.disc_ratio, "student": 1}
-
-    def phase_updates(self, phase: str) -> tuple[str, ...]:
-        return (phase,)
 
     def layers(self, teacher_denoiser) -> list[str]:
         return list(self.feature_layers) or default_feature_layers(teacher_denoiser)
@@ -118,13 +110,6 @@ class LADD:
         x = torch.randn(2, *teacher.sample_shape, device=device)
         shapes = feature_dims(den, self.layers(den), lambda: den(x, torch.full((2,), 0.5, device=device), cond))
         return {"discriminator": Discriminator(shapes, self.head_hidden)}
-
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase == "discriminator":
-            return self.discriminator_loss(nets, batch, rng)
-        if phase == "student":
-            return self.student_loss(nets, batch, rng)
-        raise ValueError(f"LADD has no phase {phase!r}")
 
     def sample_t(self, batch: Batch, rng: torch.Generator) -> Tensor:
         """Logit-normal re-noise times [B], clamped to [t_min, t_max]."""

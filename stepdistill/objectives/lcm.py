@@ -27,21 +27,20 @@ Multi-step sampling with TCD's gamma: ``stepdistill.consistency.tcd_sample``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..consistency import consistency_fn, ddim_step
 from ..contract import StepdistillError, add_noise
-from ..validation import check_range
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .cm_common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, pseudo_huber, sample_guidance
 from .registry import register
 
 
 @register("lcm")
 @dataclass
-class LCM:
+class LCM(Objective):
     num_ddim_steps: int = 50  # N: solver grid t_n = t_max n / N (LCM: 50 DDIM steps, skip k = 1000/50)
     t_max: float = 1.0  # top of the grid: the one-step student's time (e.g. 0.95 on a cosine-schedule eps teacher)
     guidance_scale_min: float = 1.0  # teacher CFG w ~ U[min, max], Ho-Salimans (1 = off; LCM's w in [5, 15] is [6, 16] here)
@@ -54,30 +53,16 @@ class LCM:
     synthetic_pool: int = 512  # without data.real: teacher samples made once (fixed seed) to noise; 0 = fresh each batch
     synthetic_steps: int = 16  # teacher PF-ODE steps per synthetic sample
 
-    trains: tuple[str, ...] = field(default=("student",), init=False, repr=False)
+    ranges = {"num_ddim_steps": (1, None), "t_max": (1e-3, 1.0), "guidance_scale_min": (0.0, "guidance_scale_max"),
+              "huber_c": (0.0, None)}
+    choices = {"target": ("student", "ema"), "guidance_embedding": GUIDANCE_EMBEDDING}
+    is_consistency = True  # f(x_t, t) -> x0 at any t on the grid: one model samples with any step count
+    exports_any_step_count = True
 
-    def __post_init__(self):
-
-        check_range("objective.num_ddim_steps", self.num_ddim_steps, 1)
-        check_range("objective.t_max", self.t_max, 1e-3, 1.0)
-        check_range("objective.guidance_scale_min", self.guidance_scale_min, 0.0, self.guidance_scale_max)
-        check_range("objective.huber_c", self.huber_c, 0.0)
-        if self.target not in ("student", "ema"):
-            raise StepdistillError(f"objective.target must be student or ema, got {self.target!r}")
-        if self.guidance_embedding not in GUIDANCE_EMBEDDING:
-            raise StepdistillError(f"objective.guidance_embedding must be one of {GUIDANCE_EMBEDDING}, got {self.guidance_embedding!r}")
+    def setup(self):
         self._data = CleanSamples(self.synthetic_pool, self.synthetic_steps, self.guidance_scale_max)
 
-    @property
-    def phases(self) -> dict[str, int]:
-        return {"student": 1}
-
-    def phase_updates(self, phase: str) -> tuple[str, ...]:
-        return ("student",)
-
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase != "student":
-            raise ValueError(f"LCM has no phase {phase!r}")
+    def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         x0, cond, source = self._data.draw(nets, batch, rng)
         n = torch.randint(1, self.num_ddim_steps + 1, (batch.size,), generator=rng).to(batch.device)  # [B]
         t, s = self.t_max * n / self.num_ddim_steps, self.t_max * (n - 1) / self.num_ddim_steps  # [B]
@@ -101,7 +86,7 @@ class LCM:
     def _target(self, nets: Nets, x_s, s, cond):
         if self.target == "student":
             return self._f(nets.student, x_s, s, cond)
-        ema = getattr(nets, "ema_weights", None)
+        ema = nets.ema_weights
         if ema is None:
             raise StepdistillError("objective.target=ema needs the student EMA: set student.ema_decay (LCM: 0.95)")
         with ema:

@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..contract import StepdistillError, expand_like
-from ..validation import check_range
+from ..contract import expand_like
 from ..training.networks import unwrap
 from ..tangent import TANGENT_METHODS, directional_derivative
 from ..trigflow import TrigFlowView, trig_time, x0_to_F
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .cm_common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, sample_guidance
 from .registry import register
 
@@ -66,7 +65,7 @@ def _modules(view) -> list[nn.Module]:
 
 @register("scm")
 @dataclass
-class SCM:
+class SCM(Objective):
     sigma_data: float = 0.5  # sigma_d of TrigFlow (SANA-Sprint, sCM: 0.5)
     p_mean: float = -1.0  # time sampling: log sigma ~ N(P_mean, P_std^2), t = arctan(sigma / sigma_d) (sCM CIFAR: -1.0)
     p_std: float = 1.4  # (sCM CIFAR: 1.4; ImageNet-64: 1.6; SANA-Sprint: (0.2, 1.6))
@@ -82,27 +81,17 @@ class SCM:
     synthetic_pool: int = 512  # without data.real: teacher samples made once (fixed seed) to noise; 0 = fresh each batch
     synthetic_steps: int = 16  # teacher PF-ODE steps per synthetic sample
 
-    trains: tuple[str, ...] = field(default=("student", "logvar"), init=False, repr=False)
+    trains = ("student", "logvar")
+    ranges = {"sigma_data": (1e-6, None), "p_std": (0.0, None), "t_max": (1e-3, 1.0),
+              "guidance_scale_min": (0.0, "guidance_scale_max"), "fd_step": (1e-8, 1.0), "tangent_warmup": (0, None),
+              "tangent_norm_c": (0.0, None)}
+    choices = {"tangent": TANGENT_METHODS, "guidance_embedding": GUIDANCE_EMBEDDING}
+    is_consistency = True  # trained at random t: one model samples with any 1-4 times
+    exports_any_step_count = True
 
-    def __post_init__(self):
-
-        check_range("objective.sigma_data", self.sigma_data, 1e-6)
-        check_range("objective.p_std", self.p_std, 0.0)
-        check_range("objective.t_max", self.t_max, 1e-3, 1.0)
-        check_range("objective.guidance_scale_min", self.guidance_scale_min, 0.0, self.guidance_scale_max)
-        check_range("objective.fd_step", self.fd_step, 1e-8, 1.0)
-        check_range("objective.tangent_warmup", self.tangent_warmup, 0)
-        check_range("objective.tangent_norm_c", self.tangent_norm_c, 0.0)
-        if self.tangent not in TANGENT_METHODS:
-            raise StepdistillError(f"objective.tangent must be one of {TANGENT_METHODS}, got {self.tangent!r}")
-        if self.guidance_embedding not in GUIDANCE_EMBEDDING:
-            raise StepdistillError(f"objective.guidance_embedding must be one of {GUIDANCE_EMBEDDING}, got {self.guidance_embedding!r}")
+    def setup(self):
         self._data = CleanSamples(self.synthetic_pool, self.synthetic_steps, self.guidance_scale_max)
         self._jvp_failed = False  # set on the first JVP error: finite differences from then on
-
-    @property
-    def phases(self) -> dict[str, int]:
-        return {"student": 1}
 
     def phase_updates(self, phase: str) -> tuple[str, ...]:
         return ("student", "logvar")
@@ -118,9 +107,7 @@ class SCM:
         lo = max(view.theta_min, 1e-3)
         return theta.clamp(lo + 1e-3, hi - 1e-3).to(batch.device)
 
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase != "student":
-            raise ValueError(f"sCM has no phase {phase!r}")
+    def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         sd = self.sigma_data
         teacher, student = TrigFlowView(nets.teacher, sd), TrigFlowView(nets.student, sd)
         x0, cond, source = self._data.draw(nets, batch, rng)

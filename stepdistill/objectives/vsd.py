@@ -29,15 +29,14 @@ Multi-step students: backward simulation with a random step per update (``score_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..contract import StepdistillError, add_noise, expand_like
-from ..validation import check_range
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .cm_common import guided_per_sample, sample_guidance
 from .dmd import _per_sample_mean, _stats
 from .registry import register
@@ -55,7 +54,7 @@ def critic_weight(schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
 
 @register("vsd")
 @dataclass
-class VSD:
+class VSD(Objective):
     guidance_scale: float = 1.0  # CFG scale w on teacher AND fake score (Ho-Salimans; SwiftBrush 4.5; 1 = off)
     guidance_scale_max: float = 0.0  # > guidance_scale: SNOOPI random w ~ U[guidance_scale, max] per sample; 0 = fixed w
     t_min: float = 0.02  # generator-loss times t ~ U[t_min, t_max] (SwiftBrush: U{20..980})
@@ -66,35 +65,20 @@ class VSD:
     p_uncond: float = 0.1  # probability of the null condition in the fake-score loss (SwiftBrush: 0.1)
     critic_ratio: int = 1  # fake-score updates per student update (SwiftBrush: 1)
 
-    trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
+    trains = ("student", "fake_score")
+    ranges = {"critic_ratio": (1, None), "t_min": (0.0, "t_max"), "t_max": (0.0, 1.0), "critic_t_min": (0.0, "critic_t_max"),
+              "critic_t_max": (0.0, 1.0), "p_uncond": (0.0, 1.0)}
+    choices = {"critic_weighting": CRITIC_WEIGHTINGS}
 
-    def __post_init__(self):
-
-        check_range("objective.critic_ratio", self.critic_ratio, 1)
-        check_range("objective.t_min", self.t_min, 0.0, self.t_max)
-        check_range("objective.t_max", self.t_max, 0.0, 1.0)
-        check_range("objective.critic_t_min", self.critic_t_min, 0.0, self.critic_t_max)
-        check_range("objective.critic_t_max", self.critic_t_max, 0.0, 1.0)
-        check_range("objective.p_uncond", self.p_uncond, 0.0, 1.0)
+    def check(self):
+        super().check()
         if self.guidance_scale_max and self.guidance_scale_max < self.guidance_scale:
             raise StepdistillError(f"objective.guidance_scale_max ({self.guidance_scale_max}) must be 0 (fixed scale) or "
                                    f">= guidance_scale ({self.guidance_scale})")
-        if self.critic_weighting not in CRITIC_WEIGHTINGS:
-            raise StepdistillError(f"objective.critic_weighting must be one of {CRITIC_WEIGHTINGS}, got {self.critic_weighting!r}")
 
     @property
     def phases(self) -> dict[str, int]:
         return {"student": 1, "fake_score": self.critic_ratio}  # SwiftBrush: student step, then LoRA step
-
-    def phase_updates(self, phase: str) -> tuple[str, ...]:
-        return (phase,)
-
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase == "fake_score":
-            return self.fake_score_loss(nets, batch, rng)
-        if phase == "student":
-            return self.student_loss(nets, batch, rng)
-        raise ValueError(f"VSD has no phase {phase!r}")
 
     def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         x, k = student_sample(nets, batch, rng, grad=True)  # [B, ...]

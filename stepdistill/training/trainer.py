@@ -29,22 +29,20 @@ from .networks import Net, unwrap
 from .run import Trainable, build_run, swapped
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")  # diffusers.optimization names
+
+
 def _optimizer(tr: Trainable, total_updates: int):
-    """AdamW plus a warm-up then constant or cosine LR schedule (stepped once per update)."""
+    """AdamW plus ``diffusers.optimization.get_scheduler`` (linear warm-up from 0, stepped once per update)."""
+    from diffusers.optimization import get_scheduler
+
     cfg = tr.cfg
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise StepdistillError(f"{tr.name}.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise StepdistillError(f"{tr.name}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     opt = torch.optim.AdamW(tr.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    warm, total = max(0, cfg.warmup_steps), max(1, total_updates)
-
-    def factor(i: int) -> float:
-        if warm and i < warm:
-            return (i + 1) / warm
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    warm = max(0, cfg.warmup_steps)
+    name = "constant_with_warmup" if (cfg.lr_schedule == "constant" and warm) else cfg.lr_schedule
+    return opt, get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=max(1, total_updates))
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -69,6 +67,24 @@ def _fsdp_kwargs(cfg: RunConfig) -> dict:
 
     return {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                                           state_dict_type="SHARDED_STATE_DICT")}
+
+
+def _trackers(report_to: str) -> list[str]:
+    """``train.report_to`` -> accelerate tracker names; a tracker whose package is missing is a one-line error."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [n.strip() for n in str(report_to).split(",") if n.strip() and n.strip() != "none"]
+    if "all" in names:
+        return [str(t.value) for t in get_available_trackers()]
+    available = {str(t.value) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise StepdistillError(f"train.report_to: unknown tracker {name!r}; choose from {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, "
+                                   "all or none")
+        if name not in available:
+            raise StepdistillError(f"train.report_to={name} needs the {name} package: pip install {name} "
+                                   "(or train.report_to=none)")
+    return list(dict.fromkeys(names))
 
 
 class NonFiniteError(StepdistillError):
@@ -105,7 +121,8 @@ class Trainer:
         uses_lora = "lora" in (cfg.student.init, cfg.fake_score.init)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=uses_lora)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available(),
-                                       kwargs_handlers=[ddp], **_fsdp_kwargs(cfg))
+                                       kwargs_handlers=[ddp], log_with=_trackers(tc.report_to) or None,
+                                       project_dir=str(self.run_dir), **_fsdp_kwargs(cfg))
         if tc.distributed == "fsdp" and "FSDP" not in str(self.accelerator.distributed_type):
             self.log(f"train.distributed=fsdp: accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
                      "CUDA devices); training unsharded")
@@ -338,7 +355,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        writer = self._tensorboard()
+        tracking = self._init_trackers()
         self._install_signal_handlers()
         from tqdm import tqdm
 
@@ -355,10 +372,10 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == last:
-                    self._log_metrics(window, writer, bar, time.time() - start)
+                    self._log_metrics(window, bar, time.time() - start)
                     window.clear()
                 if tc.sample_every and self.step % tc.sample_every == 0:
-                    self.sample_grid(writer)
+                    self.sample_grid(track=tracking)
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     if any(self.nonfinite_in_row.values()):  # mid-streak: keep the last good checkpoints as they are
                         self.log(f"round {self.step}: checkpoint skipped during a run of non-finite updates")
@@ -368,13 +385,13 @@ class Trainer:
                     self.save()
                     raise StepdistillError(f"stopped by {self._stop_signal} at round {self.step}; checkpoint written, "
                                            "continue with --resume")
-            final = self.sample_grid(writer=None)
+            final = self.sample_grid(track=False)
             ckpt = self.save()
         finally:
             self._restore_signal_handlers()
             bar.close()
-            if writer:
-                writer.close()
+            if tracking:
+                self.accelerator.end_training()  # closes the trackers (tensorboard: flushes the event file)
             self.release()
         return {"run_dir": str(self.run_dir), "steps": self.step, "checkpoint": str(ckpt), "samples": str(final),
                 "nonfinite": dict(self.nonfinite_total), "seconds": round(time.time() - start, 1)}
@@ -410,16 +427,17 @@ class Trainer:
         except ValueError:
             pass
 
-    def _tensorboard(self):
-        if not self.accelerator.is_main_process:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+    def _init_trackers(self) -> bool:
+        """accelerate's trackers under ``<run>``; tensorboard writes ``<run>/tensorboard`` (a resume purges later events)."""
+        if not self.accelerator.log_with:
+            return False
+        self.accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.step or None}})
+        for tracker in self.accelerator.trackers:
+            if tracker.name != "tensorboard":  # tensorboard's hparams would add a folder; config.yaml holds the config
+                tracker.store_init_configuration(_flat(to_dict(self.cfg)))
+        return True
 
-    def _log_metrics(self, window, writer, bar, elapsed: float) -> None:
+    def _log_metrics(self, window, bar, elapsed: float) -> None:
         means = {k: sum(v) / len(v) for k, v in window.items() if v}
         means |= {f"lr/{n}": tr.scheduler.get_last_lr()[0] for n, tr in self.trainables.items()}
         record = {"step": self.step, "elapsed_s": round(elapsed, 2)} | {k: round(v, 6) for k, v in means.items()}
@@ -427,9 +445,8 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if writer:
-            for k, v in means.items():
-                writer.add_scalar(k, v, self.step)
+        if self.accelerator.trackers:
+            self.accelerator.log(means, step=self.step)
         bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.endswith("/loss")}, refresh=False)
         keys = sorted(k for k in means if k.endswith("loss") or "grad_norm" in k)
         self.log(f"round {self.step}/{self.cfg.train.steps} " + " ".join(f"{k}={means[k]:.4g}" for k in keys))
@@ -450,7 +467,7 @@ class Trainer:
             x = few_step_sample(view, noise, cond, self.nets.student_times, g)
         return x
 
-    def sample_grid(self, writer=None) -> Path | None:
+    def sample_grid(self, track: bool = False) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
         x = self.generate(self.cfg.train.num_sample_images)
@@ -462,9 +479,16 @@ class Trainer:
             ref = self.teacher.sample_data(1000, g, self.teacher.conditioner(1000, g)[0])
         path = save_samples(x.cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", ref,
                             title=f"{type(self.objective).__name__} student, round {self.step}")
-        if writer is not None and x.ndim == 4:
-            writer.add_images("samples", (x.float().clamp(-1, 1) * 0.5 + 0.5)[:, :3].cpu(), self.step)
+        if track and x.ndim == 4:
+            self._log_images((x.float().clamp(-1, 1) * 0.5 + 0.5)[:, :3].cpu())  # [N, C, H, W] in [0, 1]
         return path
+
+    def _log_images(self, images: torch.Tensor) -> None:
+        """The sample grid to every tracker that takes images (tensorboard: NCHW; others: HWC uint8 arrays)."""
+        arrays = [(im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for im in images]
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": images if tracker.name == "tensorboard" else arrays}, step=self.step)
 
     def save(self) -> Path:
         state = {"step": self.step, "updates": dict(self.updates), "nonfinite_total": dict(self.nonfinite_total),
