@@ -149,6 +149,36 @@ def student_trajectory(loaded, rows: Rows, device="cpu") -> Trajectory:
     return Trajectory(f"student {len(times)} step{'s' * (len(times) != 1)}", times, x0)
 
 
+@torch.no_grad()
+def hybrid_trajectory(loaded, rows: Rows, teacher_steps: int, schedule_steps: int, guidance_scale: float | None = None,
+                      device="cpu") -> Trajectory:
+    """x0_hat of the teacher's first k of N steps, then of each student step after the hand-over (``evaluation/hybrid.py``)."""
+    from .evaluation.hybrid import TeacherView, check_hybrid, handover_time, hybrid_student_times, teacher_solver
+    from .evaluation.sources import _cond_dicts, solver_steps
+    from .sampling import few_step_sample, init_noise_sigma
+
+    check_hybrid(teacher_steps, schedule_steps)
+    if teacher_steps == 0:
+        raise StepdistillError("--hybrid-teacher-steps 0 is the student alone (already shown); use k >= 1")
+    teacher = loaded.teacher
+    w = float(teacher.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    view = TeacherView(teacher.denoiser, lora=loaded.trainable.adapter is not None)
+    cond, null = _cond_dicts(teacher.conditioner, rows.conds, device)
+    sched = teacher_solver(teacher, schedule_steps)
+    noise = per_sample_randn(sample_generators(rows.row_seeds), teacher.sample_shape).to(device)  # [R, *shape]
+    with _StepRecorder(sched) as rec:
+        x_s = solver_steps(view, sched, noise * getattr(sched, "init_noise_sigma", 1.0), cond, null, w, count=teacher_steps)
+    times = hybrid_student_times(loaded.times, handover_time(sched, view.schedule, teacher_steps))
+    x0 = [_decode(teacher, x) for x in rec.x0]
+    for j in range(len(times)):  # the student's re-noising continues each row's generator after its initial noise
+        gens = sample_generators(rows.row_seeds)
+        per_sample_randn(gens, teacher.sample_shape)
+        x0.append(_decode(teacher, few_step_sample(loaded.view, x_s / init_noise_sigma(view.schedule), cond, times, stop_after=j,
+                                                   noise_fn=lambda shape: per_sample_randn(gens, shape[1:]))))
+    t_teacher = [float(view.schedule.from_native(ts.float())) for ts in sched.timesteps[:teacher_steps]]
+    return Trajectory(f"hybrid: teacher {teacher_steps}/{schedule_steps} + student {len(times)}", t_teacher + list(times), x0)
+
+
 class _StepRecorder:
     """Wraps a scheduler's ``step`` to keep each step's x0_hat (DDIM, LCM, flow Euler schedulers)."""
 
@@ -293,7 +323,8 @@ def _student_side(model: str, kind: str, teacher_name: str | None, device, use_e
 
 def inspect_model(model: str, out: str | Path, teacher: str | None = None, steps: int = 8, seeds: Sequence[int] = (0, 1, 2, 3),
                   labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
-                  student_steps: int | None = None, device="cpu", use_ema: bool = True, trust_remote_code: bool = False) -> dict:
+                  student_steps: int | None = None, device="cpu", use_ema: bool = True, trust_remote_code: bool = False,
+                  hybrid: tuple[int, int] | None = None) -> dict:
     """Write the step grid ``out`` (PNG) and its numbers (``out`` with .json); returns the numbers.
 
     Args:
@@ -301,18 +332,23 @@ def inspect_model(model: str, out: str | Path, teacher: str | None = None, steps
         teacher: the teacher of the reference rows (default: the student's own; MODEL itself for a teacher).
         steps: the teacher's DDIM steps N; student_steps: an exported pipeline's step count (default: its first).
         seeds, labels, prompts: rows are every (condition, seed) pair.
+        hybrid: (k, N) for a run directory: also the hybrid sampler's panel (teacher's first k of N steps, then the student).
     """
     from .evaluation.sources import model_kind
 
     if steps < 1:
         raise StepdistillError(f"--steps must be >= 1 teacher steps, got {steps}")
     kind = model_kind(model)
+    if hybrid is not None and kind != "student":
+        raise StepdistillError("--hybrid-teacher-steps needs a training run directory as MODEL")
     source, teach, view = _student_side(model, kind, teacher, device, use_ema)
     teach.denoiser.to(device)
     rows = make_rows(teach, seeds, labels, prompts)
     trajs = [teacher_trajectory(teach, rows, steps, guidance_scale, device, view)]
     if kind == "student":
         trajs.append(student_trajectory(source, rows, device))
+        if hybrid is not None:
+            trajs.append(hybrid_trajectory(source, rows, hybrid[0], hybrid[1], guidance_scale, device))
     elif kind == "pipeline":
         trajs.append(pipeline_trajectory(source, teach, rows, student_steps, device, trust_remote_code))
     final = trajs[0].x0[-1]
@@ -338,6 +374,9 @@ def add_inspect_arguments(p) -> None:
     group.add_argument("--labels", type=int, nargs="+", help="class labels (class-conditional teachers; default: 0 1 2)")
     group.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (text teachers)")
     p.add_argument("--guidance-scale", type=float, help="teacher CFG scale (default: its recommended_guidance_scale)")
+    p.add_argument("--hybrid-teacher-steps", type=int, metavar="K", help="run directories: add the hybrid sampler's panel "
+                   "(the teacher's first K steps of a --hybrid-schedule grid, then the student)")
+    p.add_argument("--hybrid-schedule", type=int, default=4, metavar="N", help="the hybrid teacher's step grid (default: 4)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
@@ -349,10 +388,11 @@ def run_inspect(args) -> int:
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     numbers = inspect_model(args.model, args.out, args.teacher, args.steps, args.seeds, args.labels, prompts,
-                            args.guidance_scale, args.student_steps, args.device, not args.no_ema, args.trust_remote_code)
+                            args.guidance_scale, args.student_steps, args.device, not args.no_ema, args.trust_remote_code,
+                            None if args.hybrid_teacher_steps is None else (args.hybrid_teacher_steps, args.hybrid_schedule))
     print(json.dumps({"grid": numbers["grid"], "numbers": str(Path(args.out).with_suffix(".json")),
                       "trajectories": [t["name"] for t in numbers["trajectories"]]}, indent=1))
     return 0
 
 
-__all__ = ["inspect_model", "teacher_trajectory", "student_trajectory", "pipeline_trajectory", "make_rows", "Trajectory", "Rows"]
+__all__ = ["inspect_model", "teacher_trajectory", "student_trajectory", "hybrid_trajectory", "pipeline_trajectory", "make_rows", "Trajectory", "Rows"]

@@ -11,7 +11,7 @@ from PIL import Image
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.export import export_run
-from stepdistill.inspect import inspect_model, make_rows, student_trajectory
+from stepdistill.inspect import hybrid_trajectory, inspect_model, make_rows, student_trajectory
 from stepdistill.teachers import load_teacher
 from stepdistill.training.run import load_student
 from stepdistill.training.trainer import Trainer
@@ -46,9 +46,10 @@ def test_teacher_alone(tmp_path):
 
 def test_run_directory_through_the_cli(run, tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["inspect", str(run), "--steps", "2", "--seeds", "0", "1", "--labels", "3", "7", "--out", str(out)]) == 0
+    assert main(["inspect", str(run), "--steps", "2", "--seeds", "0", "1", "--labels", "3", "7", "--out", str(out),
+                 "--hybrid-teacher-steps", "1"]) == 0
     numbers = json.loads(out.with_suffix(".json").read_text())
-    assert Image.open(out).size[0] > 100 and numbers["kind"] == "student"
+    assert Image.open(out).size[0] > 100 and numbers["kind"] == "student" and len(numbers["trajectories"]) == 3
     student = numbers["trajectories"][1]
     assert student["name"] == "student 2 steps" and student["times"] == pytest.approx([949 / 999, 499 / 999])
     assert all(s["diversity_per_condition"].keys() == {"class 3", "class 7"} for s in student["steps"])
@@ -64,6 +65,16 @@ def test_student_steps_match_its_sampler(run):
     traj = student_trajectory(loaded, rows)
     assert torch.equal(traj.x0[-1], student_sampler(run).generate(rows.row_seeds, rows.conds))
     assert not torch.equal(traj.x0[0], traj.x0[1])
+
+
+def test_hybrid_panel_ends_at_the_hybrid_sample(run):
+    from stepdistill.evaluation.sources import hybrid_sampler
+
+    loaded = load_student(run)
+    rows = make_rows(loaded.teacher, [0, 1], [5])
+    traj = hybrid_trajectory(loaded, rows, 1, 4)  # teacher at 999, hand-over at 749, the student's 749 and 499
+    assert traj.times == pytest.approx([1.0, 749 / 999, 499 / 999]) and len(traj.x0) == 3
+    assert torch.equal(traj.x0[-1], hybrid_sampler(run, 1, 4).generate(rows.row_seeds, rows.conds))
 
 
 def test_exported_pipeline_equals_the_run(run, tmp_path):
@@ -82,7 +93,8 @@ def test_prompt_teacher_rows_default_to_digit_captions():
 
 
 @pytest.mark.parametrize("args", [["no-such-model"], ["digits-unet", "--steps", "0"], ["digits-unet", "--labels", "12"],
-                                  ["digits-unet", "--seeds", "1", "1"], ["digits-unet", "--teacher", "digits-flow"]])
+                                  ["digits-unet", "--seeds", "1", "1"], ["digits-unet", "--teacher", "digits-flow"],
+                                  ["digits-unet", "--hybrid-teacher-steps", "1"]])
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, args):
     assert main(["inspect", *args, "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err.strip()

@@ -163,7 +163,7 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
     networks = list({id(m): m for m in (_inner(teacher.denoiser), _inner(loaded.view.module))}.values())
     name = SOLVER_NAMES["flow-euler" if teacher.denoiser.schedule.kind == "flow" else "ddim"]
     solver = f"teacher {name} {teacher_steps}/{schedule_steps} + student"
-    return ModelSampler(model or str(run_dir), "hybrid", solver, teacher_steps + len(after), w if teacher_steps else None,
+    return ModelSampler(model or str(run_dir), "hybrid", solver, len(after), w if teacher_steps else None,
                         generate, networks, teacher.num_classes, teacher_prompts(teacher), info)
 
 
