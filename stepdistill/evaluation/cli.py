@@ -38,6 +38,11 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--cache-dir", default=None, help="reference feature cache (default: ~/.cache/stepdistill/reference)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
+    p.add_argument("--hybrid-teacher-steps", type=int, default=None, metavar="K",
+                   help="run directories: also evaluate the hybrid sampler, the teacher's first K DDIM steps (CFG at "
+                        "--guidance-scale or the teacher's recommended scale) of a --hybrid-schedule grid, then the student")
+    p.add_argument("--hybrid-schedule", type=int, default=4, metavar="N",
+                   help="the teacher's step grid of the hybrid sampler: it hands over at t = 1 - K/N (default: 4)")
 
 
 def _device(name: str | None):
@@ -55,13 +60,16 @@ def default_solvers(teacher) -> list[str]:
 
 
 def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, guidance_scale: float | None = None,
-                 device="cpu", trust_remote_code: bool = False, use_ema: bool = True):
-    """Yield the ``ModelSampler``s one MODEL argument stands for (teacher x solver x steps, a student, pipeline x steps)."""
+                 device="cpu", trust_remote_code: bool = False, use_ema: bool = True, hybrid: tuple[int, int] | None = None):
+    """Yield the ``ModelSampler``s one MODEL argument stands for (teacher x solver x steps, a student (and its
+    hybrid with ``hybrid`` = (k, N)), pipeline x steps)."""
     from . import sources
 
     kind = sources.model_kind(spec)
     if kind == "student":
         yield sources.student_sampler(spec, device, use_ema, model=spec)
+        if hybrid is not None:
+            yield sources.hybrid_sampler(spec, hybrid[0], hybrid[1], guidance_scale, device, use_ema, model=spec)
         return
     if kind == "pipeline":
         for n in steps:
@@ -80,7 +88,8 @@ def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, 
 
 
 def evaluate_models(models: list[str], out: Path, settings, steps: list[int], solvers=None, guidance_scale=None,
-                    device="cpu", clip_model=None, trust_remote_code=False, use_ema=True, log=print) -> list[dict]:
+                    device="cpu", clip_model=None, trust_remote_code=False, use_ema=True, log=print,
+                    hybrid: tuple[int, int] | None = None) -> list[dict]:
     """Evaluate every sampler of every MODEL; write results.json, report.md and grids into ``out``."""
     from .harness import Evaluator
     from .report import slug, write_report
@@ -89,10 +98,17 @@ def evaluate_models(models: list[str], out: Path, settings, steps: list[int], so
         from .sources import model_kind
 
         model_kind(spec)
+    if hybrid is not None:
+        from .hybrid import check_hybrid
+
+        check_hybrid(*hybrid)
+        if not any(model_kind(spec) == "student" for spec in models):
+            raise StepdistillError("--hybrid-teacher-steps needs a training run directory among the MODELs "
+                                   "(the student and its teacher); exported pipelines have no hybrid sampler yet")
     evaluator = Evaluator(settings, device, clip_model, log)
     records = []
     for spec in models:
-        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema):
+        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema, hybrid):
             start = time.time()
             record = evaluator.evaluate(sampler, out / "grids" / f"{slug(sampler.label)}.png")
             record["eval_seconds"] = round(time.time() - start, 1)
@@ -117,6 +133,7 @@ def run_eval(args) -> int:
                             cost=not args.no_cost, cost_batch_size=args.cost_batch_size, cache_dir=args.cache_dir)
     out = Path(args.out)
     records = evaluate_models(args.models, out, settings, args.steps, args.solvers, args.guidance_scale, device,
-                              args.clip_model, args.trust_remote_code, not args.no_ema)
+                              args.clip_model, args.trust_remote_code, not args.no_ema,
+                              hybrid=None if args.hybrid_teacher_steps is None else (args.hybrid_teacher_steps, args.hybrid_schedule))
     print(json.dumps({"results": str(out / "results.json"), "report": str(out / "report.md"), "evaluations": len(records)}))
     return 0

@@ -11,6 +11,9 @@
   scheduler config (betas, prediction type, clipping) is kept.
 * **student** of a training run directory: ``config.yaml`` + the latest checkpoint, sampled at
   the run's ``student.times`` (x0-then-re-noise, ``few_step_sample`` with per-sample noise).
+* **hybrid** of a training run directory (``--hybrid-teacher-steps k``): the teacher takes the
+  first k DDIM steps of an N-step schedule, the student finishes from x_s (``hybrid.py``: the
+  hand-over and its NFE, k teacher steps x 2 with CFG + the student's steps).
 * **pipeline**: an exported folder loaded with ``DiffusionPipeline.from_pretrained`` and called
   with ``num_inference_steps``, ``output_type="pt"`` and one generator per sample.
 
@@ -47,7 +50,7 @@ class ModelSampler:
     """One model at one setting, ready to generate seeded samples."""
 
     model: str  # the name given on the command line
-    kind: str  # teacher | student | pipeline
+    kind: str  # teacher | student | hybrid | pipeline
     solver: str
     steps: int
     guidance_scale: float | None
@@ -145,6 +148,17 @@ def guided_output(denoiser, x: Tensor, t: Tensor, cond: dict, null: dict | None,
     return u + scale * (c - u)
 
 
+def solver_steps(denoiser, sched, x: Tensor, cond: dict, null: dict | None, w: float, count: int | None = None) -> Tensor:
+    """The first ``count`` (default: all) steps of a diffusers solver from x at its first timestep; x after them."""
+    schedule = denoiser.schedule
+    for ts in sched.timesteps[:count]:
+        t = as_time(schedule.from_native(ts.float()), x)  # [B] continuous time of this native timestep
+        x_in = sched.scale_model_input(x, ts) if hasattr(sched, "scale_model_input") else x  # flow: no scaling
+        out = guided_output(denoiser, x_in, t, cond, null, w)
+        x = sched.step(out.to(x.dtype), ts, x).prev_sample
+    return x
+
+
 def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | None = None, device="cpu",
                     model: str | None = None) -> ModelSampler:
     """A teacher sampled with a diffusers solver (see the module docstring)."""
@@ -154,7 +168,7 @@ def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | No
     config = json.loads((teacher.folder / "scheduler" / "scheduler_config.json").read_text())
     w = float(teacher.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
     sched = solver_scheduler(solver, config, steps)  # checks solver and steps now
-    schedule, shape = denoiser.schedule, teacher.sample_shape
+    shape = teacher.sample_shape
     denoiser.to(device)
 
     @torch.no_grad()
@@ -162,12 +176,7 @@ def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | No
         sched = solver_scheduler(solver, config, steps)  # multistep solvers keep state: a fresh one per batch
         cond, null = _cond_dicts(teacher.conditioner, conds, device)
         x = per_sample_randn(sample_generators(seeds), shape).to(device) * getattr(sched, "init_noise_sigma", 1.0)  # [B, *shape]
-        for ts in sched.timesteps:
-            t = as_time(schedule.from_native(ts.float()), x)  # [B] continuous time of this native timestep
-            x_in = sched.scale_model_input(x, ts) if hasattr(sched, "scale_model_input") else x  # flow: no scaling
-            out = guided_output(denoiser, x_in, t, cond, null, w)
-            x = sched.step(out.to(x.dtype), ts, x).prev_sample
-        return _finish(teacher, x)
+        return _finish(teacher, solver_steps(denoiser, sched, x, cond, null, w))
 
     info = {"scheduler": type(sched).__name__, "timesteps": [round(float(v), 3) for v in sched.timesteps],
             "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder), "teacher": teacher.name}
@@ -220,6 +229,14 @@ def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, mod
     info["times"] = times
     return ModelSampler(model or str(run_dir), "student", "few-step", len(times), None, generate,
                         [_inner(view.module)], teacher.num_classes, teacher_prompts(teacher), info)
+
+
+def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: int = 4, guidance_scale: float | None = None,
+                   device="cpu", use_ema: bool = True, model: str | None = None) -> ModelSampler:
+    """The run's student after the teacher's first k of N steps (``evaluation/hybrid.py``)."""
+    from .hybrid import hybrid_sampler as build
+
+    return build(run_dir, teacher_steps, schedule_steps, guidance_scale, device, use_ema, model)
 
 
 # ------------------------------------------------------------------------------------ pipelines
