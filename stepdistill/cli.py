@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(add("eval", "sample teachers, students (run dirs) and exported pipelines with fixed seeds; "
                            "FID, precision/recall, accuracy, NFE, latency, with the protocol", _cmd_eval))
-    from .inspect import EXAMPLE as INSPECT_EXAMPLE, add_inspect_arguments, run_inspect
+    from .inspection import EXAMPLE as INSPECT_EXAMPLE, add_inspect_arguments, run_inspect
 
     EXAMPLES.setdefault("inspect", INSPECT_EXAMPLE)
     add_inspect_arguments(add("inspect", "the x0 prediction after every step of a teacher and its student, side by side, "

@@ -11,7 +11,7 @@ from PIL import Image
 from stepdistill.cli import main
 from stepdistill.config import load_config
 from stepdistill.export import export_run
-from stepdistill.inspect import hybrid_trajectory, inspect_model, make_rows, student_trajectory
+from stepdistill.inspection import hybrid_trajectory, inspect_model, make_rows, student_trajectory
 from stepdistill.teachers import load_teacher
 from stepdistill.training.run import load_student
 from stepdistill.training.trainer import Trainer
