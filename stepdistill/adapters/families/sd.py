@@ -63,7 +63,7 @@ def lcm_scheduler(teacher, sched_cfg: dict):
     n_train = int(sched_cfg.get("num_train_timesteps", 1000))
     prediction = teacher.denoiser.prediction_type
     return LCMScheduler.from_config(sched_cfg, original_inference_steps=n_train, clip_sample=False, thresholding=False,
-                                    timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True,
+                                    timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True,  # LCM ignores steps_offset; 1 spares the SD pipeline its rewrite warning
                                     prediction_type=prediction if prediction != "flow" else "epsilon")
 
 
