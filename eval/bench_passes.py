@@ -47,10 +47,11 @@ MINIMUM = {
                        "student": {"student": (0, 1), "teacher": (C, 0), "fake_score": (1, 0)}},
             "G: 1 student fwd+bwd, teacher cond+uncond, fake 1 fwd (fake CFG 1); critic: 1 student fwd (no grad), "
             "fake 1 fwd+bwd [DMD2 3.3-3.4]"),
-    "dmd2": (lambda C: {"fake_score": {"student": (1, 0), "fake_score": (0, 1), "fake_score(encoder, GAN)": (0, 2)},
+    "dmd2": (lambda C: {"fake_score": {"student": (1, 0), "fake_score": (0, 1), "fake_score(GAN features)": (0, 2)},
                         "student": {"student": (0, 1), "teacher": (C, 0), "fake_score": (1, 0),
-                                    "fake_score(encoder, GAN)": (0, 1)}},
-             "as DMD, plus the GAN head on the fake UNet's encoder: critic real + fake, G fake (DMD2 3.5); "
+                                    "fake_score(GAN features)": (0, 1)}},
+             "as DMD, plus the GAN head on fake-UNet features: critic real + fake, G fake (DMD2 3.5; upstream runs "
+             "the encoder only, here a full fake forward); "
              "upstream reuses the G turn's sample for one critic update per round (DMD2 3.4)"),
     "vsd": (lambda C: {"fake_score": {"student": (1, 0), "fake_score": (0, 1)},
                        "student": {"student": (0, 1), "teacher": (C, 0), "fake_score": (C, 0)}},
@@ -92,6 +93,8 @@ def hook_networks(tr, counts: dict) -> list:
 
     modules = {id(inner_model(tr.teacher.denoiser)): ("teacher", inner_model(tr.teacher.denoiser))}
     for name, t in tr.trainables.items():
+        if name not in ("student", "fake_score"):  # heads (GAN, logvar) are not diffusers networks
+            continue
         m = inner_model(t.module)
         if id(m) not in modules:
             modules[id(m)] = (name, m)
@@ -143,15 +146,13 @@ def minimum(objective: str, cfg: bool) -> dict:
 
 
 def excess(measured: dict, needed: dict) -> dict:
-    """Passes above the minimum, per phase (fwd and graph summed over networks; encoder-only GAN passes are
-    not hooked, so the minimum's encoder entries are left out of the comparison)."""
+    """Passes above the minimum, per phase (fwd and graph summed over networks; DMD2's GAN features come from
+    a full fake-score forward here, so its encoder entries count as fake-score passes)."""
     out = {}
     for phase, nets in needed.items():
         got = measured.get(phase, {})
-        need_f = sum(v["fwd"] for n, v in nets.items() if "encoder" not in n)
-        need_g = sum(v["graph"] for n, v in nets.items() if "encoder" not in n)
-        out[phase] = {"fwd": round(sum(v["fwd"] for v in got.values()) - need_f, 3),
-                      "graph": round(sum(v["graph"] for v in got.values()) - need_g, 3)}
+        out[phase] = {kind: round(sum(v[kind] for v in got.values()) - sum(v[kind] for v in nets.values()), 3)
+                      for kind in ("fwd", "graph")}
     return out
 
 
