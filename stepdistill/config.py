@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,12 @@ class TeacherConfig:
     name: str = "analytic:ring8"  # embedded teacher name, analytic preset, a diffusers folder path, or a Hugging Face model id (org/name[@revision]) already in the local hub cache
     dtype: str = "fp32"  # teacher weights: fp32 | bf16 | fp16 (frozen; reduced precision saves memory)
     offload: bool = False  # keep the frozen teacher in CPU memory, moved to the GPU layer by layer per call (accelerate cpu_offload; slow, saves its weights' memory; full-copy students only)
+    null_class: int | None = None  # class-conditional teachers: the label index trained as "no class" (CFG's unconditional branch); null = the folder's stepdistill_teacher.json, else none (every embedding is a real class, no CFG)
 
     def __post_init__(self):
         check_choice("teacher.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        if self.null_class is not None:
+            check_range("teacher.null_class", self.null_class, 0)
 
 
 @dataclass
@@ -78,11 +82,13 @@ class NetworkConfig:
 @dataclass
 class StudentConfig(NetworkConfig):
     times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
-    ema_decay: float = 0.0  # EMA of the student weights (0 = off)
+    ema_decay: float = 0.0  # EMA of the student weights (0 = off): the largest decay per student update (diffusers EMAModel decay); evaluation and export use the EMA
+    ema_rampup: float = 0.05  # SiD's EMA ramp: half-life = min(H, ema_rampup x images seen), H the half-life of ema_decay (EMAModel use_ema_warmup, power 1, inv_gamma ln2/ema_rampup); 0 = EMAModel's (1+n)/(10+n) warm-up
 
     def __post_init__(self):
         super().__post_init__()
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        check_range("ema_rampup", self.ema_rampup, 0.0, 1.0)
         if not self.times:
             raise StepdistillError("times must list at least one generation time, e.g. [1.0]")
         for t in self.times:
@@ -148,6 +154,12 @@ def _suggest(key: str, valid) -> str:
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Convert a YAML/CLI value to the field's annotated type, or fail in one line."""
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # optional: null / none, else the other type
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0]) if len(inner) == 1 else value
     try:
         if tp is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):

@@ -91,7 +91,10 @@ def _toolkit(run, noise_gen_seed, cond=None, labels=None):
     noise = torch.randn(n, *tr.teacher.sample_shape, generator=g)
     if labels is not None:
         cond = {"class_labels": torch.as_tensor(labels)}
-    with torch.no_grad():
+    import contextlib
+
+    ema = tr.ema_weights() if tr.ema is not None else contextlib.nullcontext()  # export writes the EMA when the run has one
+    with torch.no_grad(), ema:
         return few_step_sample(view, noise, cond, tr.nets.student_times, g), tr
 
 

@@ -153,6 +153,10 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(tc.seed * 1000 + rank + 500_000)
         self.ema = self._make_ema()
         self.nets.ema_weights = None if self.ema is None else self.ema_weights()
+        if self.ema is not None:
+            sc = cfg.student
+            self.log(f"student EMA (evaluated and exported): decay up to {sc.ema_decay}" +
+                     (f", SiD ramp: half-life {sc.ema_rampup} x images seen" if sc.ema_rampup > 0 else ""))
         # non-finite updates in a row, per phase: one phase's success must not hide another that always fails
         self.step, self.nonfinite_total, self.nonfinite_in_row = 0, defaultdict(int), defaultdict(int)
         self.updates = defaultdict(int)
@@ -266,12 +270,18 @@ class Trainer:
         trim_lora_weights(self.accelerator, self.lora_modules)
 
     def _make_ema(self):
-        decay = self.cfg.student.ema_decay
-        if not decay or "student" not in self.trainables:
+        """diffusers' ``EMAModel`` over the student. With ``student.ema_rampup`` r > 0 it ramps as SiD's
+        EMA (half-life min(H, r x images seen)): EMAModel's warm-up decay 1 - (1 + n/g)^-1 with power 1
+        and inv_gamma g = ln 2 / r has half-life ~ r n updates, i.e. r x the images seen, whatever the
+        batch; ``ema_decay`` caps it (H). r = 0: EMAModel's plain (1+n)/(10+n) warm-up up to ema_decay."""
+        sc = self.cfg.student
+        if not sc.ema_decay or "student" not in self.trainables:
             return None
         from diffusers.training_utils import EMAModel
 
-        return EMAModel(self.trainables["student"].params, decay=decay, use_ema_warmup=False, foreach=False)
+        ramp = dict(use_ema_warmup=True, power=1.0, inv_gamma=math.log(2) / sc.ema_rampup) if sc.ema_rampup > 0 else \
+            dict(use_ema_warmup=False)
+        return EMAModel(self.trainables["student"].params, decay=sc.ema_decay, foreach=False, **ramp)
 
     def ema_weights(self):
         """A context in which the student's parameters hold their EMA."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 
 from ...contract import StepdistillError
 from . import ExportJob, Family, need, read_json, register_family
@@ -57,13 +58,58 @@ def _export_class_conditional(family: Family, job: ExportJob) -> dict:
     return {"pipeline": PIPELINE_CLASS, "scheduler": type(scheduler).__name__, "component": family.subfolder}
 
 
-def _class_labels(num_classes: int, null_class, name: str):
+_SAID: set[str] = set()  # folders whose "no null class" line was already written (once per process)
+
+
+def _class_labels(num_classes: int, null_class, name: str, embeds: int | None = None):
     from ...conditioning import ClassLabels
 
-    if null_class is None:
+    if null_class is not None:
+        null_class = int(null_class)
+        limit = embeds if embeds is not None else num_classes + 1
+        if not num_classes <= null_class < limit:  # labels are drawn from 0..num_classes-1, so the null sits after them
+            raise StepdistillError(f"{name}: null class {null_class} must be an embedding after the {num_classes} drawn classes "
+                                   f"({num_classes}..{limit - 1}); set teacher.null_class to the last embedding, or null")
+    elif name not in _SAID:
+        _SAID.add(name)
         print(f"{name}: no null class recorded (stepdistill_teacher.json `null_class` or teacher.null_class); "
-              f"all {num_classes} embeddings are real classes and classifier-free guidance is off")
+              f"all {num_classes} embeddings are real classes and classifier-free guidance is off", file=sys.stderr)
     return ClassLabels(num_classes, null_class), num_classes
+
+
+def check_guidance(teacher, objective) -> None:
+    """One-line error when the objective asks for CFG (a ``*guidance_scale*`` field not 1) but the
+    class-conditional teacher has no null class (``teacher.null_class``)."""
+    import dataclasses
+
+    from ...conditioning import ClassLabels
+
+    cond = getattr(teacher, "conditioner", None)
+    if not isinstance(cond, ClassLabels) or cond.null_class is not None:
+        return
+
+    def asks(node, path):
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if "guidance_scale" in f.name and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    off = value == 1 or (f.name.endswith("_max") and value == 0)  # vsd: guidance_scale_max 0 = fixed w
+                    if not off:
+                        return f"{path}.{f.name}={value}"
+                found = asks(value, f"{path}.{f.name}")
+                if found:
+                    return found
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                found = asks(v, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    found = asks(objective, "objective")
+    if found:
+        raise StepdistillError(f"{found} needs classifier-free guidance, but teacher {teacher.name!r} has no null class: "
+                               f"set teacher.null_class=<index trained as 'no class'> if it has one, else guidance 1")
 
 
 @register_family
@@ -86,7 +132,7 @@ class UNet2D(Family):
             return Unconditional(), 0
         null = meta.get("null_class")
         num = int(meta.get("num_classes") or (embeds - 1 if null is not None else embeds))
-        return _class_labels(num, null, str(folder))
+        return _class_labels(num, null, str(folder), embeds)
 
     def dummy_cond(self, config, batch):
         import torch
