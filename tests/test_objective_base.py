@@ -74,5 +74,4 @@ def test_capabilities_are_attributes_and_compose_derives_them():
 
 def test_built_in_objectives_stand_on_the_base():
     for name, cls in registered().items():
-        if name != "sid":  # sid.py is converted separately (it is being edited elsewhere)
-            assert issubclass(cls, Objective), name
+        assert issubclass(cls, Objective), name

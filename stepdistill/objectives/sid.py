@@ -35,15 +35,14 @@ update, steps before k without grad, step k with grad (``score_common.student_sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..conditioning import guided
-from ..contract import StepdistillError, add_noise, expand_like
-from ..validation import check_range, check_choice
+from ..contract import add_noise, expand_like
 from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets
+from .base import Batch, LossOut, Nets, Objective
 from .dmd import _per_sample_mean, _stats
 from .registry import register
 from .score_common import drop_to_null, frozen, student_sample
@@ -53,7 +52,7 @@ WEIGHTINGS = ("sid", "one_minus_sigma", "none")
 
 @register("sid")
 @dataclass
-class SiD:
+class SiD(Objective):
     alpha: float = 1.2  # SiD's alpha (Eq. 23): 1.2 EDM, 1.0 SiD-LSG
     guidance_scale: float = 1.0  # kappa4: teacher CFG in the generator loss (1 = off)
     fake_guidance_scale: float = 1.0  # kappa2: fake CFG in the generator loss; 0 = Zero-CFG, < 0 = Anti-CFG
@@ -70,28 +69,14 @@ class SiD:
     loss_scale: float = 1.0  # generator loss multiplier (SiD: 100 with reduction sum; SiD-LSG: 1)
     critic_ratio: int = 1  # fake-score updates per student update (SiD: 1)
 
-    trains: tuple[str, ...] = field(default=("student", "fake_score"), init=False, repr=False)
-
-    def __post_init__(self):
-
-        check_range("objective.critic_ratio", self.critic_ratio, 1)
-        check_range("objective.t_min", self.t_min, 0.0, self.t_max)
-        check_range("objective.t_max", self.t_max, 0.0, 1.0)
-        check_range("objective.critic_t_min", self.critic_t_min, 0.0, self.critic_t_max)
-        check_range("objective.critic_t_max", self.critic_t_max, 0.0, 1.0)
-        check_range("objective.p_uncond", self.p_uncond, 0.0, 1.0)
-        check_range("objective.normaliser_min", self.normaliser_min, 0.0)
-        check_choice("objective.weighting", self.weighting, WEIGHTINGS)
-        check_choice("objective.reduction", self.reduction, ("mean", "sum"))
-        if self.critic_weighting not in LOSS_WEIGHTINGS:
-            raise StepdistillError(f"objective.critic_weighting must be one of {LOSS_WEIGHTINGS}, got {self.critic_weighting!r}")
+    trains = ("student", "fake_score")
+    ranges = {"critic_ratio": (1, None), "t_min": (0.0, "t_max"), "t_max": (0.0, 1.0), "critic_t_min": (0.0, "critic_t_max"),
+              "critic_t_max": (0.0, 1.0), "p_uncond": (0.0, 1.0), "normaliser_min": (0.0, None)}
+    choices = {"weighting": WEIGHTINGS, "reduction": ("mean", "sum"), "critic_weighting": LOSS_WEIGHTINGS}
 
     @property
     def phases(self) -> dict[str, int]:
         return {"fake_score": self.critic_ratio, "student": 1}  # SiD Alg. 1: fake update, then G update
-
-    def phase_updates(self, phase: str) -> tuple[str, ...]:
-        return (phase,)
 
     @property
     def graph_nets(self) -> dict[str, tuple[str, ...]]:
@@ -102,13 +87,6 @@ class SiD:
     def fake_dropout(self) -> float:
         guided_fake = self.fake_guidance_scale != 1 or self.fake_train_guidance_scale != 1
         return self.p_uncond if guided_fake else 0.0
-
-    def loss(self, phase: str, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
-        if phase == "fake_score":
-            return self.fake_score_loss(nets, batch, rng)
-        if phase == "student":
-            return self.student_loss(nets, batch, rng)
-        raise ValueError(f"SiD has no phase {phase!r}")
 
     def generator_weight(self, sched, x, x_real, t) -> torch.Tensor:
         """lambda(x, t) [B], without gradient."""
