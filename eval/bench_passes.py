@@ -75,10 +75,10 @@ MINIMUM = {
 
 
 def _network_name(module, names: dict[int, str]) -> str:
-    from stepdistill.training.networks import _tuner_layers
+    from stepdistill.training.networks import tuner_layers
 
     name = names[id(module)]
-    layers = _tuner_layers(module)
+    layers = tuner_layers(module)
     if layers:  # a shared base: its active adapter says which network this call is
         layer = layers[0]
         return name if layer._disable_adapters else layer._active_adapter[0]

@@ -12,7 +12,6 @@ import contextvars
 import dataclasses
 import difflib
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field

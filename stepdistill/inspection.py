@@ -99,9 +99,9 @@ def make_rows(teacher, seeds: Sequence[int], labels: Sequence[int] | None = None
 
 
 def _decode(teacher, x: Tensor) -> Tensor:
-    from .evaluation.sources import _finish
+    from .evaluation.sources import finish_samples
 
-    return _finish(teacher, x.detach()).cpu()
+    return finish_samples(teacher, x.detach()).cpu()
 
 
 # ------------------------------------------------------------------------------------ trajectories
@@ -115,13 +115,13 @@ def teacher_trajectory(teacher, rows: Rows, steps: int, guidance_scale: float | 
     ``denoiser``: what the steps call (default the teacher's; ``TeacherView`` for LoRA students).
     """
     from .evaluation.hybrid import TeacherView, teacher_solver
-    from .evaluation.sources import _cond_dicts, solver_steps
+    from .evaluation.sources import cond_dicts, solver_steps
 
     if steps < 1:
         raise StepdistillError(f"--steps must be >= 1 teacher steps, got {steps}")
     sched = teacher_solver(teacher, steps)
     w = float(teacher.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-    cond, null = _cond_dicts(teacher.conditioner, rows.conds, device)
+    cond, null = cond_dicts(teacher.conditioner, rows.conds, device)
     noise = per_sample_randn(sample_generators(rows.row_seeds), teacher.sample_shape).to(device)  # [R, *shape]
     view = denoiser or TeacherView(teacher.denoiser)
     with _StepRecorder(sched) as rec:
@@ -135,11 +135,11 @@ def teacher_trajectory(teacher, rows: Rows, steps: int, guidance_scale: float | 
 @torch.no_grad()
 def student_trajectory(loaded, rows: Rows, device="cpu") -> Trajectory:
     """x0_hat after each step of a run's student (``LoadedStudent``), per-sample noise as ``stepdistill eval``."""
-    from .evaluation.sources import _cond_dicts
+    from .evaluation.sources import cond_dicts
     from .sampling import few_step_sample
 
     teacher, times = loaded.teacher, list(loaded.times)
-    cond, _ = _cond_dicts(teacher.conditioner, rows.conds, device)
+    cond, _ = cond_dicts(teacher.conditioner, rows.conds, device)
     x0 = []
     for k in range(len(times)):  # K <= 4: re-running the prefix costs K(K+1)/2 evaluations
         gens = sample_generators(rows.row_seeds)
@@ -154,7 +154,7 @@ def hybrid_trajectory(loaded, rows: Rows, teacher_steps: int, schedule_steps: in
                       device="cpu") -> Trajectory:
     """x0_hat of the teacher's first k of N steps, then of each student step after the hand-over (``evaluation/hybrid.py``)."""
     from .evaluation.hybrid import TeacherView, check_hybrid, handover_time, hybrid_student_times, teacher_solver
-    from .evaluation.sources import _cond_dicts, solver_steps
+    from .evaluation.sources import cond_dicts, solver_steps
     from .sampling import few_step_sample, init_noise_sigma
 
     check_hybrid(teacher_steps, schedule_steps)
@@ -163,7 +163,7 @@ def hybrid_trajectory(loaded, rows: Rows, teacher_steps: int, schedule_steps: in
     teacher = loaded.teacher
     w = float(teacher.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
     view = TeacherView(teacher.denoiser, lora=loaded.trainable.adapter is not None)
-    cond, null = _cond_dicts(teacher.conditioner, rows.conds, device)
+    cond, null = cond_dicts(teacher.conditioner, rows.conds, device)
     sched = teacher_solver(teacher, schedule_steps)
     noise = per_sample_randn(sample_generators(rows.row_seeds), teacher.sample_shape).to(device)  # [R, *shape]
     with _StepRecorder(sched) as rec:

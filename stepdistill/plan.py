@@ -64,11 +64,12 @@ def device_memory(spec: str | None) -> float | None:
 
 def _meta_teacher(name: str) -> tuple[nn.Module, tuple[int, ...], dict]:
     """The teacher network on the meta device, its sample shape, and a cond factory's inputs."""
-    from .teachers import resolve_teacher_folder, _model_folder, _read_json
+    from .adapters.families import read_json
+    from .teachers import model_folder, resolve_teacher_folder
 
     folder = resolve_teacher_folder(name)
-    _, model_path = _model_folder(folder)
-    config = _read_json(model_path / "config.json")
+    _, model_path = model_folder(folder)
+    config = read_json(model_path / "config.json")
     import diffusers
 
     cls = getattr(diffusers, config.get("_class_name", ""), None)

@@ -90,14 +90,10 @@ def list_teachers() -> list[tuple[str, str]]:
     return rows
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StepdistillError(f"cannot read {path}: {e}") from None
+from .adapters.families import read_json  # noqa: E402  (one JSON reader, one-line errors)
 
 
-def _model_folder(folder: Path) -> tuple[str, Path]:
+def model_folder(folder: Path) -> tuple[str, Path]:
     for sub in ("unet", "transformer"):
         if (folder / sub / "config.json").is_file():
             return sub, folder / sub
@@ -110,7 +106,7 @@ def _model_folder(folder: Path) -> tuple[str, Path]:
 def _load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     import diffusers
 
-    class_name = _read_json(path / "config.json").get("_class_name", "")
+    class_name = read_json(path / "config.json").get("_class_name", "")
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise StepdistillError(f"{path}/config.json names {class_name!r}, which is not a diffusers model class")
@@ -135,16 +131,16 @@ def _diffusers(folder: Path, name: str, dtype: torch.dtype, prompts: list[str] |
 
     if not folder.is_dir():
         raise StepdistillError(f"teacher folder {str(folder)!r} does not exist; `stepdistill teachers` lists the embedded ones")
-    _, model_path = _model_folder(folder)
+    _, model_path = model_folder(folder)
     sched_cfg = folder / "scheduler" / "scheduler_config.json"
     if not sched_cfg.is_file():
         raise StepdistillError(f"{folder} has no scheduler/scheduler_config.json; the teacher's noise schedule is unknown")
-    meta = _read_json(folder / "stepdistill_teacher.json") if (folder / "stepdistill_teacher.json").is_file() else {}
+    meta = read_json(folder / "stepdistill_teacher.json") if (folder / "stepdistill_teacher.json").is_file() else {}
     if null_class is not None:
         meta["null_class"] = null_class
     model = _load_model(model_path, dtype).eval().requires_grad_(False)
     family = family_for_folder(folder, dict(model.config))
-    denoiser = wrap(model, _read_json(sched_cfg), meta.get("prediction_type"), family)
+    denoiser = wrap(model, read_json(sched_cfg), meta.get("prediction_type"), family)
     conditioner, num_classes = family.conditioner(folder, model, meta, prompts)
     codec = family.latent_codec(folder)
     shape = tuple(meta["latent_shape"]) if meta.get("latent_shape") else family.sample_shape(dict(model.config), codec)

@@ -16,10 +16,10 @@ from stepdistill.consistency import boundary_coefficients, consistency_fn, ddim_
 from stepdistill.contract import StepdistillError, add_noise, as_time
 from stepdistill.training.networks import MLPDenoiser
 from stepdistill.objectives import Batch, Nets
-from stepdistill.objectives.cm_common import add_guidance_embedding, pseudo_huber
+from stepdistill.objectives.consistency.common import add_guidance_embedding, pseudo_huber
 from stepdistill.objectives.compose import Compose
-from stepdistill.objectives.lcm import LCM
-from stepdistill.objectives.scm import SCM, scm_tangent
+from stepdistill.objectives.consistency.lcm import LCM
+from stepdistill.objectives.consistency.scm import SCM, scm_tangent
 from stepdistill.schedules import FlowSchedule, TrigSchedule
 from stepdistill.teachers import Teacher, _ddpm_schedule
 from stepdistill.training.trainer import Trainer

@@ -194,7 +194,7 @@ def test_lcm_pool_is_lazy_and_reproducible(tmp_path, sd15, capsys):
 def test_clean_sample_pool_builds_only_what_batches_need():
     from stepdistill.analytic import ring2d
     from stepdistill.objectives.base import Batch
-    from stepdistill.objectives.cm_common import CleanSamples
+    from stepdistill.objectives.consistency.common import CleanSamples
     from stepdistill.schedules import FlowSchedule
     from types import SimpleNamespace
 

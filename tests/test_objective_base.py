@@ -8,9 +8,9 @@ import torch
 from stepdistill.contract import StepdistillError
 from stepdistill.objectives import LossOut, Objective, registered
 from stepdistill.objectives.compose import Compose
-from stepdistill.objectives.dmd import DMD
-from stepdistill.objectives.lcm import LCM
-from stepdistill.objectives.scm import SCM
+from stepdistill.objectives.score.dmd import DMD
+from stepdistill.objectives.consistency.lcm import LCM
+from stepdistill.objectives.consistency.scm import SCM
 
 
 @dataclass

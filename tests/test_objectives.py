@@ -9,7 +9,7 @@ from torch import nn
 from stepdistill.analytic import ring2d
 from stepdistill.contract import StepdistillError, add_noise
 from stepdistill.objectives import Batch, Nets, get_objective_class, register, registered
-from stepdistill.objectives.dmd import DMD
+from stepdistill.objectives.score.dmd import DMD
 from stepdistill.teachers import _ddpm_schedule
 
 

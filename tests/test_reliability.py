@@ -90,7 +90,7 @@ def test_fp16_on_cpu_is_an_error_not_silent_fp32(tmp_path):
 
 
 def test_validation_module_has_no_import_circle():
-    code = "import stepdistill.objectives.dmd, stepdistill.validation as v; import sys; print('stepdistill.config' in sys.modules)"
+    code = "import stepdistill.objectives.score.dmd, stepdistill.validation as v; import sys; print('stepdistill.config' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
 

@@ -14,10 +14,10 @@ from stepdistill.analytic import ring2d
 from stepdistill.config import build_objective_config, load_config
 from stepdistill.contract import StepdistillError, add_noise
 from stepdistill.objectives import Batch, Nets, registered
-from stepdistill.objectives.dmd2 import DMD2
-from stepdistill.objectives.score_common import drop_to_null
-from stepdistill.objectives.sid import SiD
-from stepdistill.objectives.vsd import VSD
+from stepdistill.objectives.score.dmd2 import DMD2
+from stepdistill.objectives.score.common import drop_to_null
+from stepdistill.objectives.score.sid import SiD
+from stepdistill.objectives.score.vsd import VSD
 from stepdistill.teachers import Teacher, _ddpm_schedule
 from stepdistill.training.trainer import Trainer
 

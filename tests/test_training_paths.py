@@ -1,7 +1,6 @@
 """Training paths beyond the default: bf16, accumulation, K-step + regression, prompts, LoRA."""
 
 import pytest
-import torch
 
 from conftest import minilm_text_side, tiny_unet2d_condition
 from stepdistill.config import load_config

@@ -26,12 +26,11 @@ from ..contract import StepdistillError
 from ..training.networks import inner_model
 
 
-_inner = inner_model  # the network that owns the layers
 
 
 def default_feature_layers(module: nn.Module) -> list[str]:
     """Names (relative to the inner network) of the layers a discriminator reads by default."""
-    net = _inner(module)
+    net = inner_model(module)
     names = dict(net.named_modules())
     if "mid_block" in names and names["mid_block"] is not None:
         return ["mid_block"]
@@ -50,7 +49,7 @@ _JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock")  # SD3 / FLUX:
 @contextlib.contextmanager
 def capture(module: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Within the block, every forward of ``module`` stores ``{layer: output}`` (last call wins)."""
-    net = _inner(module)
+    net = inner_model(module)
     names = dict(net.named_modules())
     missing = [n for n in layers if n not in names]
     if missing:

@@ -131,7 +131,8 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
     """A ``ModelSampler`` (kind "hybrid") of a run directory's student with the first k teacher steps."""
     from ..training.run import load_student
     from .seeding import Conditions, per_sample_randn, sample_generators
-    from .sources import SOLVER_NAMES, ModelSampler, _cond_dicts, _finish, _inner, teacher_prompts
+    from ..training.networks import inner_model
+    from .sources import SOLVER_NAMES, ModelSampler, cond_dicts, finish_samples, teacher_prompts
 
     check_hybrid(teacher_steps, schedule_steps)
     loaded = load_student(run_dir, device, use_ema)
@@ -142,12 +143,12 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
 
     @torch.no_grad()
     def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
-        cond, null = _cond_dicts(teacher.conditioner, conds, device)
+        cond, null = cond_dicts(teacher.conditioner, conds, device)
         gens = sample_generators(seeds)
         noise = per_sample_randn(gens, teacher.sample_shape).to(device)  # [B, *shape]
         x0 = hybrid_sample(teacher, loaded.view, times, noise, cond, null, teacher_steps, schedule_steps, w,
                            noise_fn=lambda shape: per_sample_randn(gens, shape[1:]), teacher_denoiser=teacher_view)
-        return _finish(teacher, x0)
+        return finish_samples(teacher, x0)
 
     uses_cfg = teacher_steps > 0 and w not in (0.0, 1.0)  # guided(): both rows in one call, 2 evaluations
     sched = teacher_solver(teacher, schedule_steps)
@@ -160,7 +161,7 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
         "teacher_timesteps": [round(float(v), 3) for v in sched.timesteps[:teacher_steps]],
         "teacher_guidance_scale": w, "nfe": nfe,
         "nfe_formula": f"{teacher_steps} teacher step(s) x {2 if uses_cfg else 1} + {len(after)} student step(s)"}}
-    networks = list({id(m): m for m in (_inner(teacher.denoiser), _inner(loaded.view.module))}.values())
+    networks = list({id(m): m for m in (inner_model(teacher.denoiser), inner_model(loaded.view.module))}.values())
     name = SOLVER_NAMES["flow-euler" if teacher.denoiser.schedule.kind == "flow" else "ddim"]
     solver = f"teacher {name} {teacher_steps}/{schedule_steps} + student"
     return ModelSampler(model or str(run_dir), "hybrid", solver, len(after), w if teacher_steps else None,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..conditioning import ClassLabels, Prompts, concat_cond
 from ..contract import StepdistillError, as_time
+from ..training.networks import inner_model
 from .seeding import Conditions, per_sample_randn, sample_generators
 
 VP_SOLVERS = {
@@ -91,8 +92,8 @@ def teacher_prompts(teacher) -> str | None:
     return "digits" if isinstance(teacher.conditioner, Prompts) else None
 
 
-def _cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | None]:
-    from ..training.data import _to
+def cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | None]:
+    from ..training.data import to_device
 
     if isinstance(conditioner, Prompts):
         if conds.prompts is None:
@@ -102,7 +103,7 @@ def _cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | No
         cond, null = conditioner.labelled(conds.labels)
     else:
         cond, null = {}, None
-    return _to(cond, device), _to(null, device)
+    return to_device(cond, device), to_device(null, device)
 
 
 # ------------------------------------------------------------------------------------ teachers
@@ -174,28 +175,22 @@ def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | No
     @torch.no_grad()
     def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
         sched = solver_scheduler(solver, config, steps)  # multistep solvers keep state: a fresh one per batch
-        cond, null = _cond_dicts(teacher.conditioner, conds, device)
+        cond, null = cond_dicts(teacher.conditioner, conds, device)
         x = per_sample_randn(sample_generators(seeds), shape).to(device) * getattr(sched, "init_noise_sigma", 1.0)  # [B, *shape]
-        return _finish(teacher, solver_steps(denoiser, sched, x, cond, null, w))
+        return finish_samples(teacher, solver_steps(denoiser, sched, x, cond, null, w))
 
     info = {"scheduler": type(sched).__name__, "timesteps": [round(float(v), 3) for v in sched.timesteps],
             "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder), "teacher": teacher.name}
-    return ModelSampler(model or teacher.name, "teacher", solver, steps, w, generate, [_inner(denoiser)],
+    return ModelSampler(model or teacher.name, "teacher", solver, steps, w, generate, [inner_model(denoiser)],
                         teacher.num_classes, teacher_prompts(teacher), info)
 
 
-def _finish(teacher, x: Tensor) -> Tensor:
+def finish_samples(teacher, x: Tensor) -> Tensor:
     """Latents -> images through the teacher's VAE; clamp to [-1, 1]."""
     if teacher.decode is not None:
         x = teacher.decode(x)
     return x.float().clamp(-1, 1)
 
-
-def _inner(module: nn.Module) -> nn.Module:
-    """The diffusers network inside a contract adapter (what NFE counts)."""
-    from ..training.networks import inner_model
-
-    return inner_model(module)
 
 
 # ------------------------------------------------------------------------------------ students
@@ -221,14 +216,14 @@ def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, mod
 
     @torch.no_grad()
     def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
-        cond, _ = _cond_dicts(teacher.conditioner, conds, device)
+        cond, _ = cond_dicts(teacher.conditioner, conds, device)
         gens = sample_generators(seeds)
         noise = per_sample_randn(gens, teacher.sample_shape).to(device)
-        return _finish(teacher, seeded_few_step_sample(view, noise, cond, times, gens))
+        return finish_samples(teacher, seeded_few_step_sample(view, noise, cond, times, gens))
 
     info["times"] = times
     return ModelSampler(model or str(run_dir), "student", "few-step", len(times), None, generate,
-                        [_inner(view.module)], teacher.num_classes, teacher_prompts(teacher), info)
+                        [inner_model(view.module)], teacher.num_classes, teacher_prompts(teacher), info)
 
 
 def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: int = 4, guidance_scale: float | None = None,

@@ -1,10 +1,6 @@
 """Imports every built-in objective so its ``@register`` line runs."""
 
-from . import dmd  # noqa: F401
-from . import lcm  # noqa: F401
-from . import scm  # noqa: F401
-from . import ladd  # noqa: F401
 from . import compose  # noqa: F401
-from . import dmd2  # noqa: F401
-from . import vsd  # noqa: F401
-from . import sid  # noqa: F401
+from .adversarial import ladd  # noqa: F401
+from .consistency import lcm, scm  # noqa: F401
+from .score import dmd, dmd2, sid, vsd  # noqa: F401

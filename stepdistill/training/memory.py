@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..contract import StepdistillError
-from .networks import _tuner_layers, unwrap
+from .networks import tuner_layers, unwrap
 
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
 
@@ -102,7 +102,7 @@ def adapter_aware_checkpoint(block: nn.Module, *args):
     recomputation sees the LoRA routing (teacher / student / fake score) of the original forward."""
     from torch.utils.checkpoint import checkpoint
 
-    layers = _tuner_layers(block)
+    layers = tuner_layers(block)
     if not layers:
         return checkpoint(block.__call__, *args, use_reentrant=False)
     routing = _routing(layers)

@@ -84,7 +84,7 @@ class Net:
         return self.module(x_t, t, cond)
 
 
-def _tuner_layers(model: nn.Module) -> list:
+def tuner_layers(model: nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     cache = model.__dict__.get("_stepdistill_tuner_layers")
@@ -100,7 +100,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     Unlike peft's ``set_adapter`` this leaves ``requires_grad`` alone: which parameters train is
     the trainer's decision, per phase.
     """
-    for layer in _tuner_layers(model):
+    for layer in tuner_layers(model):
         layer._disable_adapters = name is None
         if name is not None:
             layer._active_adapter = [name]

@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import RunConfig, save_config, to_dict
 from ..contract import StepdistillError

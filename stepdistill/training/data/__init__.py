@@ -34,7 +34,7 @@ class BatchSampler:
 
     def conditions(self, n: int, generator: torch.Generator):
         cond, null = self.conditioner(n, generator)
-        return _to(cond, self.device), _to(null, self.device)
+        return to_device(cond, self.device), to_device(null, self.device)
 
     def next(self) -> Batch:
         cond, null = self.conditions(self.batch_size, self.generator)
@@ -52,10 +52,10 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
-def _to(cond, device):
+def to_device(cond, device):
     if cond is None:
         return None
-    return {k: (v.to(device) if isinstance(v, Tensor) else _to(v, device) if isinstance(v, dict) else v) for k, v in cond.items()}
+    return {k: (v.to(device) if isinstance(v, Tensor) else to_device(v, device) if isinstance(v, dict) else v) for k, v in cond.items()}
 
 
 def load_real(spec: str, teacher, sample_shape) -> RealData | None:

@@ -39,13 +39,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import guided
-from ..contract import add_noise, expand_like
-from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets, Objective
-from .dmd import _per_sample_mean, _stats
-from .registry import register
-from .score_common import drop_to_null, frozen, student_sample
+from ...conditioning import guided
+from ...contract import add_noise, expand_like
+from ...schedules import LOSS_WEIGHTINGS, loss_weight
+from ..base import Batch, LossOut, Nets, Objective
+from .dmd import per_sample_mean, sample_stats
+from ..registry import register
+from .common import drop_to_null, frozen, student_sample
 
 WEIGHTINGS = ("sid", "one_minus_sigma", "none")
 
@@ -91,7 +91,7 @@ class SiD(Objective):
     def generator_weight(self, sched, x, x_real, t) -> torch.Tensor:
         """lambda(x, t) [B], without gradient."""
         if self.weighting == "sid":
-            return 1 / _per_sample_mean((x.detach().float() - x_real.detach().float()).abs()).clamp_min(self.normaliser_min)
+            return 1 / per_sample_mean((x.detach().float() - x_real.detach().float()).abs()).clamp_min(self.normaliser_min)
         if self.weighting == "one_minus_sigma":
             return (1 - sched.sigma(t).float()).to(x.device)
         return torch.ones(len(x), device=x.device)
@@ -111,7 +111,7 @@ class SiD(Objective):
         loss = self.loss_scale * loss
         logs = {"sid_loss": loss.item(), "score_gap": diff.detach().reshape(len(x), -1).norm(dim=1).mean().item(),
                 "step_k": float(k)}
-        return LossOut(loss, logs | _stats("x_real", x_r.detach()) | _stats("x_fake", x_f.detach()) | _stats("x_student", x.detach()))
+        return LossOut(loss, logs | sample_stats("x_real", x_r.detach()) | sample_stats("x_fake", x_f.detach()) | sample_stats("x_student", x.detach()))
 
     def fake_score_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         with torch.no_grad():
@@ -121,5 +121,5 @@ class SiD(Objective):
         cond = drop_to_null(batch.cond, batch.null_cond, self.fake_dropout, batch.size, rng)
         x_fake = guided(nets.fake_score, x_t, t, cond, batch.null_cond, self.fake_train_guidance_scale)  # SiD-LSG Eq. 11
         weight = loss_weight(nets.fake_score.schedule, t, self.critic_weighting).to(x.device)  # [B]
-        loss = (weight * _per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()
-        return LossOut(loss, {"fake_x0_mse": _per_sample_mean((x_fake.detach().float() - x.float()) ** 2).mean().item()})
+        loss = (weight * per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()
+        return LossOut(loss, {"fake_x0_mse": per_sample_mean((x_fake.detach().float() - x.float()) ** 2).mean().item()})

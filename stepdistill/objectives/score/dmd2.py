@@ -36,16 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conditioning import concat_cond
-from ..contract import StepdistillError, add_noise, expand_like
-from ..adapters.capture import capture, default_feature_layers, feature_dims
-from ..training.networks import unwrap
-from ..schedules import loss_weight
-from .base import Batch, LossOut, Nets
-from .dmd import DMD, _per_sample_mean
-from .ladd import Discriminator, _device
-from .registry import register
-from .score_common import frozen, student_sample
+from ...conditioning import concat_cond
+from ...contract import StepdistillError, add_noise, expand_like
+from ...adapters.capture import capture, default_feature_layers, feature_dims
+from ...training.networks import unwrap
+from ...schedules import loss_weight
+from ..base import Batch, LossOut, Nets
+from .dmd import DMD, per_sample_mean
+from ..adversarial.ladd import Discriminator, device_of
+from ..registry import register
+from .common import frozen, student_sample
 
 
 class GanHead(nn.Module):
@@ -114,7 +114,7 @@ class DMD2(DMD):
         if teacher.sample_data is not None:  # analytic teacher: the fake score is an MLP (features "body", flat)
             return {"gan_head": GanHead({"body": (1,)}, self.head_hidden)}
         den = teacher.denoiser
-        device = _device(den)
+        device = device_of(den)
         cond, _ = teacher.conditioner(2, torch.Generator().manual_seed(0))
         cond = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cond.items()}
         x = torch.randn(2, *teacher.sample_shape, device=device)
@@ -145,7 +145,7 @@ class DMD2(DMD):
         else:
             x_fake, loss_d = nets.fake_score(x_t, t, batch.cond), 0.0
         weight = loss_weight(nets.fake_score.schedule, t, self.critic_weighting).to(x.device)  # [B]
-        dsm = (weight * _per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()  # DMD Eq. 6
+        dsm = (weight * per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()  # DMD Eq. 6
         logs["fake_dsm"] = dsm.item()
         return LossOut(dsm + self.gan_d_weight * loss_d, logs)
 
@@ -186,7 +186,7 @@ class DMD2(DMD):
         return loss, logs
 
     def _inv_norm(self, x: Tensor, x_real: Tensor) -> Tensor:
-        return 1 / (_per_sample_mean((x.detach().float() - x_real).abs()) + self.normaliser_eps)  # [B]
+        return 1 / (per_sample_mean((x.detach().float() - x_real).abs()) + self.normaliser_eps)  # [B]
 
     def _real(self, batch: Batch) -> tuple[Tensor, dict]:
         """Real samples and their condition (their own labels when the data has them)."""

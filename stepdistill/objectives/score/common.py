@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..contract import Cond, Denoiser, expand_like
-from ..training.networks import Net, unwrap
-from ..sampling import few_step_sample
-from .base import Batch, Nets
+from ...contract import Cond, Denoiser, expand_like
+from ...training.networks import Net, unwrap
+from ...sampling import few_step_sample
+from ..base import Batch, Nets
 
 
 def sample_step_index(num_steps: int, rng: torch.Generator, device) -> int:

@@ -24,20 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import guided
-from ..contract import add_noise, expand_like
-from ..sampling import ddim_sample, few_step_sample
-from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets, Objective
-from .score_common import student_sample
-from .registry import register
+from ...conditioning import guided
+from ...contract import add_noise, expand_like
+from ...sampling import ddim_sample, few_step_sample
+from ...schedules import LOSS_WEIGHTINGS, loss_weight
+from ..base import Batch, LossOut, Nets, Objective
+from .common import student_sample
+from ..registry import register
 
 
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1).mean(1)  # [B]
 
 
-def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+def sample_stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
     return {f"{prefix}_mean": x.mean().item(), f"{prefix}_std": x.std().item()}
 
 
@@ -77,8 +77,8 @@ class DMD(Objective):
         x_t = add_noise(nets.fake_score.schedule, x, batch.noise(rng), t)
         x_fake = nets.fake_score(x_t, t, batch.cond)  # [B, ...]
         weight = loss_weight(nets.fake_score.schedule, t, self.critic_weighting).to(x.device)  # [B]
-        loss = (weight * _per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()  # DMD Eq. 6
-        return LossOut(loss, {"fake_x0_mse": _per_sample_mean((x_fake.detach() - x) ** 2).mean().item()})
+        loss = (weight * per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()  # DMD Eq. 6
+        return LossOut(loss, {"fake_x0_mse": per_sample_mean((x_fake.detach() - x) ** 2).mean().item()})
 
     def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         x, _ = student_sample(nets, batch, rng, grad=True)  # [B, ...], graph through step k only
@@ -96,11 +96,11 @@ class DMD(Objective):
             x_t = add_noise(nets.teacher.schedule, x.detach(), batch.noise(rng), t)
             x_real = guided(nets.teacher, x_t, t, batch.cond, batch.null_cond, self.guidance_scale)
             x_fake = guided(nets.fake_score, x_t, t, batch.cond, batch.null_cond, self.fake_guidance_scale)
-            w = 1 / (_per_sample_mean((x.detach().float() - x_real.float()).abs()) + self.normaliser_eps)  # [B]
+            w = 1 / (per_sample_mean((x.detach().float() - x_real.float()).abs()) + self.normaliser_eps)  # [B]
             g = (x_fake.float() - x_real.float()) * expand_like(w, x)  # DMD Eq. 7-8 direction
         loss = 0.5 * torch.nn.functional.mse_loss(x.float(), (x.detach().float() - g))  # surrogate, grad g/N
         logs = {"dm_loss": loss.item(), "dm_grad_norm": g.reshape(len(g), -1).norm(dim=1).mean().item()}
-        logs |= _stats("x_real", x_real) | _stats("x_fake", x_fake) | _stats("x_student", x.detach())
+        logs |= sample_stats("x_real", x_real) | sample_stats("x_fake", x_fake) | sample_stats("x_student", x.detach())
         return loss, logs
 
     def regression_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> torch.Tensor:

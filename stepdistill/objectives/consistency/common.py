@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..conditioning import concat_cond
-from ..contract import Cond, Denoiser, StepdistillError, expand_like
-from ..training.networks import unwrap
-from ..sampling import ddim_sample
-from .base import Batch, Nets
+from ...conditioning import concat_cond
+from ...contract import Cond, Denoiser, StepdistillError, expand_like
+from ...training.networks import unwrap
+from ...sampling import ddim_sample
+from ..base import Batch, Nets
 
 GUIDANCE_EMBEDDING = ("auto", "on", "off")
 

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..contract import StepdistillError, add_noise, expand_like
-from ..schedules import LOSS_WEIGHTINGS, loss_weight
-from .base import Batch, LossOut, Nets, Objective
-from .cm_common import guided_per_sample, sample_guidance
-from .dmd import _per_sample_mean, _stats
-from .registry import register
-from .score_common import drop_to_null, student_sample
+from ...contract import StepdistillError, add_noise, expand_like
+from ...schedules import LOSS_WEIGHTINGS, loss_weight
+from ..base import Batch, LossOut, Nets, Objective
+from ..consistency.common import guided_per_sample, sample_guidance
+from .dmd import per_sample_mean, sample_stats
+from ..registry import register
+from .common import drop_to_null, student_sample
 
 CRITIC_WEIGHTINGS = ("swiftbrush",) + LOSS_WEIGHTINGS
 
@@ -94,7 +94,7 @@ class VSD(Objective):
         loss = 0.5 * F.mse_loss(x.float(), x.detach().float() - torch.nan_to_num(g))  # dL/dx = g / N
         logs = {"vsd_loss": loss.item(), "vsd_grad_norm": g.reshape(len(g), -1).norm(dim=1).mean().item(),
                 "guidance_scale": w.mean().item(), "step_k": float(k)}
-        return LossOut(loss, logs | _stats("x_real", x_real) | _stats("x_fake", x_fake) | _stats("x_student", x.detach()))
+        return LossOut(loss, logs | sample_stats("x_real", x_real) | sample_stats("x_fake", x_fake) | sample_stats("x_student", x.detach()))
 
     def fake_score_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         with torch.no_grad():
@@ -104,5 +104,5 @@ class VSD(Objective):
         cond = drop_to_null(batch.cond, batch.null_cond, self.p_uncond, batch.size, rng)
         x_fake = nets.fake_score(x_t, t, cond)  # [B, ...]
         weight = critic_weight(nets.fake_score.schedule, t, self.critic_weighting).to(x.device)  # [B]
-        loss = (weight * _per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()
-        return LossOut(loss, {"fake_x0_mse": _per_sample_mean((x_fake.detach().float() - x.float()) ** 2).mean().item()})
+        loss = (weight * per_sample_mean((x_fake.float() - x.float()) ** 2)).mean()
+        return LossOut(loss, {"fake_x0_mse": per_sample_mean((x_fake.detach().float() - x.float()) ** 2).mean().item()})

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..contract import expand_like
-from ..training.networks import unwrap
-from ..tangent import TANGENT_METHODS, directional_derivative
-from ..trigflow import TrigFlowView, trig_time, x0_to_F
-from .base import Batch, LossOut, Nets, Objective
-from .cm_common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, sample_guidance
-from .registry import register
+from ...contract import expand_like
+from ...training.networks import unwrap
+from ...tangent import TANGENT_METHODS, directional_derivative
+from ...trigflow import TrigFlowView, trig_time, x0_to_F
+from ..base import Batch, LossOut, Nets, Objective
+from .common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, sample_guidance
+from ..registry import register
 
 
 class LogVarNet(nn.Module):

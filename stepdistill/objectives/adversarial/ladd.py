@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..contract import add_noise
-from ..adapters.capture import capture, default_feature_layers, feature_dims
-from ..sampling import few_step_sample
-from .base import Batch, LossOut, Nets, Objective
-from .cm_common import CleanSamples
-from .registry import register
+from ...contract import add_noise
+from ...adapters.capture import capture, default_feature_layers, feature_dims
+from ...sampling import few_step_sample
+from ..base import Batch, LossOut, Nets, Objective
+from ..consistency.common import CleanSamples
+from ..registry import register
 
 
 class Head(nn.Module):
@@ -68,7 +68,7 @@ class Discriminator(nn.Module):
         return torch.cat([self.heads[k.replace(".", "/")](feats[k], t) for k in self.layers], 1)  # [B, sum P]
 
 
-def _device(module) -> torch.device:
+def device_of(module) -> torch.device:
     tensor = next(iter(list(module.parameters()) + list(module.buffers())), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
@@ -104,7 +104,7 @@ class LADD(Objective):
     def extra_networks(self, teacher) -> dict[str, nn.Module]:
         """Heads sized by one dry teacher forward at t = 0.5."""
         den = teacher.denoiser
-        device = _device(den)
+        device = device_of(den)
         cond, _ = teacher.conditioner(2, torch.Generator().manual_seed(0))
         cond = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cond.items()}
         x = torch.randn(2, *teacher.sample_shape, device=device)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..consistency import consistency_fn, ddim_step
-from ..contract import StepdistillError, add_noise
-from .base import Batch, LossOut, Nets, Objective
-from .cm_common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, pseudo_huber, sample_guidance
-from .registry import register
+from ...consistency import consistency_fn, ddim_step
+from ...contract import StepdistillError, add_noise
+from ..base import Batch, LossOut, Nets, Objective
+from .common import GUIDANCE_EMBEDDING, CleanSamples, add_guidance_embedding, guided_per_sample, pseudo_huber, sample_guidance
+from ..registry import register
 
 
 @register("lcm")

@@ -1,0 +1,1 @@
+"""Adversarial objectives (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Consistency objectives (see docs/architecture.md)."""

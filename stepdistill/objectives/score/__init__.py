@@ -1,0 +1,1 @@
+"""Score objectives (see docs/architecture.md)."""
