@@ -9,7 +9,8 @@ import torch
 from stepdistill.cli import main
 from stepdistill.config import NetworkConfig, load_config
 from stepdistill.contract import StepdistillError
-from stepdistill.training.trainer import Trainer, _optimizer
+from stepdistill.training.optim import make_optimizer as _optimizer
+from stepdistill.training.trainer import Trainer
 
 FAST = ["train.steps=2", "train.log_every=1", "train.sample_every=0", "train.batch_size=8", "train.num_sample_images=4",
         "student.fit_steps=5", "student.mlp_hidden=16", "fake_score.mlp_hidden=16", "objective.critic_ratio=1"]

@@ -277,3 +277,19 @@ def read_student_weights(ckpt: Path, needed: list[str]) -> tuple[dict, dict, lis
     extra = load_file(str(ckpt / "extra.safetensors")) if (ckpt / "extra.safetensors").is_file() else {}
     ema = [extra[f"ema.{i}"] for i in range(len([k for k in extra if k.startswith("ema.")]))] if "ema.0" in extra else None
     return state, saved, ema
+
+
+def load_newest(accelerator, run_dir: Path, lora_modules, log) -> tuple[Path, dict, dict, list[str]]:
+    """Load the checkpoint ``latest`` names; when it is damaged, the newest complete one before it (and say so).
+
+    Returns (checkpoint, trainer state, extra tensors, the damage messages of those skipped).
+    """
+    skipped = []
+    for ckpt in resume_candidates(run_dir, log):
+        try:
+            state, tensors = load_checkpoint(accelerator, ckpt, lora_modules)
+            return ckpt, state, tensors, skipped
+        except DamagedCheckpoint as e:
+            skipped.append(str(e))
+            log(f"{e}; trying an older checkpoint")
+    raise StepdistillError(f"no loadable checkpoint in {run_dir / 'checkpoints'}{': ' + skipped[0] if skipped else ''}")

@@ -123,3 +123,18 @@ def offload_teacher(denoiser: nn.Module, device) -> str:
 
 
 __all__ = ["choose_attention", "set_attention_backend", "enable_gradient_checkpointing", "offload_teacher", "xformers_available"]
+
+
+def apply_memory_levers(trainables: dict, teacher, cfg, device, log) -> None:
+    """Attention backend, gradient checkpointing of the trained networks, teacher CPU offload (from ``cfg``)."""
+    modules = {id(tr.module): tr.module for tr in trainables.values()} | {id(teacher.denoiser): teacher.denoiser}
+    backend = {set_attention_backend(m, cfg.train.attention, device) for m in modules.values()} - {None}
+    if backend:
+        log(f"attention: {', '.join(sorted(backend))}")
+    if cfg.train.gradient_checkpointing:
+        done = [n for n, tr in trainables.items() if n in ("student", "fake_score") and enable_gradient_checkpointing(tr.module)]
+        log(f"gradient checkpointing on: {', '.join(done) or 'none (no diffusers network to checkpoint)'}")
+    if cfg.teacher.offload:
+        if any(tr.adapter for tr in trainables.values()):
+            raise StepdistillError("teacher.offload=true needs full-copy networks: with LoRA the teacher's base is the trained networks' base")
+        log(offload_teacher(teacher.denoiser, device))

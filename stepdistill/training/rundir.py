@@ -1,0 +1,106 @@
+"""The run folder: one writer at a time (a lock), resume checks against its ``config.yaml``, and
+the training time its ``metrics.jsonl`` records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import RunConfig, to_dict
+from ..contract import StepdistillError
+from .checkpoint import latest_checkpoint
+
+_MISSING = object()
+
+
+class RunFolderLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock``, held until ``release``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self._file = Path(run_dir), None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.run_dir / ".lock", "a+")
+        except OSError as e:
+            raise StepdistillError(f"cannot use {self.run_dir} as the run folder: {e.strerror or e}") from None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StepdistillError(f"{self.run_dir} is in use by another training process (it holds {self.run_dir / '.lock'}); "
+                                   "wait for it to finish or choose another --output-dir") from None
+        self._file = lock
+
+    def release(self) -> None:
+        lock, self._file = self._file, None
+        if lock is not None:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            lock.close()
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (lists compared whole)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= flat(v, key + ".") if isinstance(v, dict) else {key: list(v) if isinstance(v, tuple) else v}
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    """A new run needs an empty folder; a resume needs a checkpoint and the run's own config (steps may grow)."""
+    has_run = latest_checkpoint(run_dir) is not None
+    if has_run and not resume:
+        raise StepdistillError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+    if resume and not has_run:
+        raise StepdistillError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
+    if not (resume and (run_dir / "config.yaml").is_file()):
+        return
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise StepdistillError(f"{run_dir}/config.yaml is unreadable; it is not the config this run was written with")
+    now, old = flat(to_dict(cfg)), flat(saved)
+    diff = [k for k in sorted(set(now) | set(old)) if k != "train.steps" and now.get(k, _MISSING) != old.get(k, _MISSING)]
+    if diff:
+        raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''} "
+                               f"differ from {run_dir}/config.yaml (only train.steps may grow)")
+    if isinstance(old.get("train.steps"), int) and cfg.train.steps < old["train.steps"]:
+        raise StepdistillError(f"train.steps={cfg.train.steps} is below the run's {old['train.steps']}; "
+                               "on resume train.steps may only grow")
+
+
+def training_summary(run_dir: str | Path) -> dict | None:
+    """Rounds and wall-clock seconds of a run, from its ``metrics.jsonl`` (resumed segments summed).
+
+    Each process start logs ``elapsed_s`` from zero, so a drop marks a resume; the last value of
+    every segment is added. ``None`` when the run logged nothing.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds, last, rounds = 0.0, 0.0, 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        elapsed = float(rec.get("elapsed_s", 0.0))
+        if elapsed < last:
+            seconds += last
+        last, rounds = elapsed, int(rec.get("step", rounds))
+    return {"rounds": rounds, "seconds": round(seconds + last, 1)}
