@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.evaluation.toy import ring_convergence
+from stepdistill.training.convergence import ring_convergence
 
 RECIPES = ["toy2d/dmd", "toy2d/dmd2", "toy2d/vsd", "toy2d/sid", "toy2d/lcm", "toy2d/scm"]
 BUDGET_S = 60.0

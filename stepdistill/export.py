@@ -79,7 +79,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, steps: list[int] | None
                lora: bool = False, dtype: str = "fp32") -> dict:
     """Export the latest checkpoint of ``run_dir`` to ``out_dir`` through the teacher family's record."""
     from .training.run import load_student
-    from .training.trainer import training_summary
+    from .training.rundir import training_summary
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:

@@ -135,7 +135,7 @@ def unet_teacher_dir(tmp_path):
 
 def train_on_ring(recipe: str, run_dir):
     """(sliced W2 before, after, mode shares [8], fraction near a mode, CPU seconds) of a toy2d recipe."""
-    from stepdistill.evaluation.toy import ring_convergence
+    from stepdistill.training.convergence import ring_convergence
 
     torch.set_num_threads(1)
     return ring_convergence(recipe, run_dir)

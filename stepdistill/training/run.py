@@ -232,7 +232,7 @@ class LoadedStudent:
 def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True) -> LoadedStudent:
     """The student of a run folder (its config and newest complete checkpoint), ready to sample."""
     from .checkpoint import latest_checkpoint, read_student_weights
-    from .trainer import training_summary
+    from .rundir import training_summary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
