@@ -32,6 +32,8 @@ def add_eval_arguments(p) -> None:
                    help="local Inception weights (torch-fidelity .pth): FID/KID/PR in Inception features instead of digits features")
     p.add_argument("--tf-resize", action="store_true", help="Inception only: TF1-compatible resize (antialias=False) as TF-FID/ADM/EDM")
     p.add_argument("--clip-model", default=None, metavar="PATH", help="open_clip folder (open_clip_config.json + weights) for CLIP score")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: one prompt per line; sample i takes "
+                   "one of them (seeded, balanced) with seed + i (default: a digit-caption teacher's own captions)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-cost", action="store_true", help="skip latency / throughput / memory")
     p.add_argument("--cost-batch-size", type=int, default=64, help="batch size of the throughput measurement (default: 64)")
@@ -60,44 +62,57 @@ def default_solvers(teacher) -> list[str]:
 
 
 def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, guidance_scale: float | None = None,
-                 device="cpu", trust_remote_code: bool = False, use_ema: bool = True, hybrid: tuple[int, int] | None = None):
+                 device="cpu", trust_remote_code: bool = False, use_ema: bool = True, hybrid: tuple[int, int] | None = None,
+                 prompts: list[str] | None = None):
     """Yield the ``ModelSampler``s one MODEL argument stands for (teacher x solver x steps, a student (and its
-    hybrid with ``hybrid`` = (k, N)), pipeline x steps)."""
+    hybrid with ``hybrid`` = (k, N)), pipeline x steps).
+
+    ``prompts`` (``--prompts``) replace the prompts of prompt-conditioned models; a text-to-image model
+    without them is a one-line error (digit-caption teachers keep their captions).
+    """
     from . import sources
 
     kind = sources.model_kind(spec)
     if kind == "student":
-        yield sources.student_sampler(spec, device, use_ema, model=spec)
+        yield sources.use_prompts(sources.student_sampler(spec, device, use_ema, model=spec), prompts)
         if hybrid is not None:
-            yield sources.hybrid_sampler(spec, hybrid[0], hybrid[1], guidance_scale, device, use_ema, model=spec)
+            yield sources.use_prompts(sources.hybrid_sampler(spec, hybrid[0], hybrid[1], guidance_scale, device, use_ema,
+                                                             model=spec), prompts)
         return
     if kind == "pipeline":
-        for n in steps:
-            yield sources.pipeline_sampler(spec, n, guidance_scale, device, trust_remote_code, model=spec)
+        for n in sources.export_steps(spec, steps):
+            yield sources.use_prompts(sources.pipeline_sampler(spec, n, guidance_scale, device, trust_remote_code, model=spec),
+                                      prompts)
         return
     from ..teachers import load_teacher
 
-    teacher = load_teacher(spec)
+    if not prompts and sources.text_teacher_needs_prompts(spec):
+        raise StepdistillError(f"{spec!r} is a text-to-image teacher: give --prompts FILE (one prompt per line)")
+    teacher = load_teacher(spec, prompts=prompts)
     fitting = default_solvers(teacher)
     chosen = fitting if solvers is None else [s for s in solvers if s in (sources.FLOW_SOLVERS if fitting == ["flow-euler"] else sources.VP_SOLVERS)]
     if not chosen:
         raise StepdistillError(f"none of the solvers {solvers} fits teacher {spec!r}; try {', '.join(fitting)}")
     for solver in chosen:
         for n in steps:
-            yield sources.teacher_sampler(teacher, solver, n, guidance_scale, device, model=spec)
+            yield sources.use_prompts(sources.teacher_sampler(teacher, solver, n, guidance_scale, device, model=spec), prompts)
 
 
 def evaluate_models(models: list[str], out: Path, settings, steps: list[int], solvers=None, guidance_scale=None,
                     device="cpu", clip_model=None, trust_remote_code=False, use_ema=True, log=print,
-                    hybrid: tuple[int, int] | None = None) -> list[dict]:
+                    hybrid: tuple[int, int] | None = None, prompts: list[str] | None = None) -> list[dict]:
     """Evaluate every sampler of every MODEL; write results.json, report.md and grids into ``out``."""
-    from .harness import Evaluator
+    from .harness import Evaluator, metric_plan, summary
     from .report import slug, write_report
 
     for spec in models:  # fail fast on a bad MODEL before any sampling
-        from .sources import model_kind
+        from .sources import model_kind, needs_prompts
 
         model_kind(spec)
+        if not prompts and needs_prompts(spec):
+            raise StepdistillError(f"{spec!r} is a text-to-image model: give --prompts FILE (one prompt per line)")
+        if needs_prompts(spec):  # and on metrics a text-to-image model cannot get here, before loading anything
+            metric_plan(settings, bool(clip_model), spec, False, prompts)
     if hybrid is not None:
         from .hybrid import check_hybrid
 
@@ -108,14 +123,12 @@ def evaluate_models(models: list[str], out: Path, settings, steps: list[int], so
     evaluator = Evaluator(settings, device, clip_model, log)
     records = []
     for spec in models:
-        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema, hybrid):
+        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema, hybrid, prompts):
             start = time.time()
             record = evaluator.evaluate(sampler, out / "grids" / f"{slug(sampler.label)}.png")
             record["eval_seconds"] = round(time.time() - start, 1)
             records.append(record)
-            log(f"{sampler.label}: FID {record['fid']:.3f}  P {record['precision']:.3f}  R {record['recall']:.3f}  "
-                f"acc {'-' if record['accuracy'] is None else format(record['accuracy'], '.3f')}  NFE {record['nfe']:g}  "
-                f"({record['eval_seconds']} s)")
+            log(f"{sampler.label}: {summary(record)}  ({record['eval_seconds']} s)")
     write_report(records, out)
     return records
 
@@ -127,13 +140,19 @@ def run_eval(args) -> int:
     if any(n < 1 for n in args.steps):
         raise StepdistillError(f"--steps must be positive integers, got {args.steps}")
     device = _device(args.device)
-    settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+    prompts = None
+    if args.prompts:
+        from ..conditioning import read_prompt_file
+
+        prompts = read_prompt_file(args.prompts)
+    settings = EvalSettings(prompts=args.prompts, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
                             reference=args.reference, feature_net="inception" if args.inception_weights else "digits",
                             inception_weights=args.inception_weights, inception_antialias=not args.tf_resize,
                             cost=not args.no_cost, cost_batch_size=args.cost_batch_size, cache_dir=args.cache_dir)
     out = Path(args.out)
     records = evaluate_models(args.models, out, settings, args.steps, args.solvers, args.guidance_scale, device,
                               args.clip_model, args.trust_remote_code, not args.no_ema,
-                              hybrid=None if args.hybrid_teacher_steps is None else (args.hybrid_teacher_steps, args.hybrid_schedule))
+                              hybrid=None if args.hybrid_teacher_steps is None else (args.hybrid_teacher_steps, args.hybrid_schedule),
+                              prompts=prompts)
     print(json.dumps({"results": str(out / "results.json"), "report": str(out / "report.md"), "evaluations": len(records)}))
     return 0

@@ -14,9 +14,11 @@ from ..contract import StepdistillError
 from .cost import NFECounter, measure_cost
 from .features import extract, feature_network, quantize
 from .metrics import accuracy, distribution_metrics
-from .reference import Reference, reference_features
+from .reference import DIGITS_SETS, Reference, reference_features
 from .seeding import Conditions, make_conditions
-from .sources import ModelSampler
+from .sources import DIGITS, ModelSampler
+
+DISTRIBUTION_KEYS = ("fid", "kid", "kid_std", "precision", "recall", "mean_pairwise_distance", "vendi")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class EvalSettings:
     cost_repeats: int = 3  # timed calls (median)
     grid_samples: int = 80  # samples in the PNG grid (sorted by class: 8 per class for 80)
     cache_dir: str | None = None  # reference feature cache (default ~/.cache/stepdistill/reference)
+    prompts: str | None = None  # --prompts FILE of prompt-conditioned models (recorded; the list comes with evaluate)
 
     def check(self) -> None:
         if self.num_samples < 2:
@@ -57,6 +60,38 @@ def generate_samples(sampler: ModelSampler, conds: Conditions, n: int, seed: int
         if progress:
             progress(len(idx))
     return torch.cat(out)
+
+
+def digits_model(sampler: ModelSampler) -> bool:
+    """Whether a sampler's images are digits: sampled on the digit captions (or from a digit-caption teacher
+    with other prompts), or class-conditional over the digits classifier's 10 classes."""
+    if sampler.prompts == DIGITS or sampler.info.get("digits_teacher"):
+        return True
+    return sampler.prompts is None and sampler.num_classes == 10
+
+
+def conditions_protocol(sampler: ModelSampler, prompts_file: str | None) -> str:
+    """The conditions of a sampler's samples, in words (recorded per row)."""
+    if sampler.prompts == DIGITS:
+        return "digit captions: digit balanced per block of 10 samples (seeded permutation), template drawn per sample"
+    if isinstance(sampler.prompts, list):
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(sampler.prompts).encode()).hexdigest()[:16]
+        return (f"prompts from {prompts_file or 'a list'} ({len(sampler.prompts)} prompts, sha256 {digest}): seeded "
+                f"permutation per block of {len(sampler.prompts)} samples")
+    if sampler.num_classes:
+        return f"class labels: seeded permutation per block of {sampler.num_classes} samples (balanced)"
+    return "unconditional"
+
+
+def summary(record: dict) -> str:
+    """One log line of a record's numbers (skipped metrics left out)."""
+    parts = [f"{name} {record[key]:{fmt}}" for name, key, fmt in (
+        ("FID", "fid", ".3f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"), ("acc", "accuracy", ".3f"),
+        ("CLIP", "clip_score", ".2f"), ("NFE", "nfe", "g")) if record.get(key) is not None]
+    skipped = record.get("protocol", {}).get("metrics_skipped") or {}
+    return "  ".join(parts) + (f"  (skipped: {', '.join(skipped)})" if skipped else "")
 
 
 def environment(device: torch.device) -> dict:
@@ -80,6 +115,39 @@ def grid_order(labels: Tensor | None, count: int) -> list[int]:
     """Indices of the first ``count`` samples, sorted by class label (stable) for a class-per-row grid."""
     idx = list(range(count))
     return idx if labels is None else sorted(idx, key=lambda i: int(labels[i]))
+
+
+def metric_plan(settings: EvalSettings, clip: bool, model: str, digits: bool, prompts: str | list | None) -> dict[str, str]:
+    """Metrics a model cannot get under these settings -> why (one-line errors for half-given pieces).
+
+    Digits models get every metric as before. Any other model (a text-to-image model with the
+    user's prompts, another class count, unconditional) gets FID / KID / precision / recall /
+    diversity only in Inception features against an image folder, no digits accuracy, and CLIP
+    score with --clip-model; a model nothing can measure is a one-line error.
+    """
+    s, skipped = settings, {}
+    what = f"text-to-image model {model!r}" if isinstance(prompts, list) else f"{model!r} (not a digits model)"
+    if not digits:
+        folder, inception = s.reference not in DIGITS_SETS, s.feature_net == "inception"
+        if inception and not folder:
+            raise StepdistillError(f"FID on {what} needs --reference <image folder> (the digits sets are the digits "
+                                   "models' data) with --inception-weights PATH")
+        if folder and not inception:
+            raise StepdistillError(f"FID on {what} needs --inception-weights PATH (the digits features describe 16x16 "
+                                   "digits only) with --reference <image folder>")
+        if not folder:
+            skipped["fid"] = ("FID, KID, precision, recall, diversity: not a digits model; they need --reference "
+                              "<image folder> and --inception-weights PATH")
+        skipped["accuracy"] = "the digits classifier's accuracy is for digits models (10 digit classes or digit captions)"
+    elif prompts is not None and prompts != DIGITS:
+        skipped["accuracy"] = "the user's prompts carry no digit labels"
+    has_prompts = prompts is not None
+    if has_prompts and not clip:
+        skipped["clip_score"] = "CLIP score needs --clip-model PATH (a local open_clip folder)"
+    if not digits and "fid" in skipped and not (has_prompts and clip):
+        raise StepdistillError(f"nothing measures the quality of {what}: give --clip-model PATH (CLIP score against "
+                               "the prompts) and/or --reference <image folder> with --inception-weights PATH (FID)")
+    return skipped
 
 
 class Evaluator:
@@ -118,18 +186,26 @@ class Evaluator:
                 "kid_subset_size": min(1000, s.num_samples, len(self.reference.features)),
                 **(self.clip.protocol if self.clip else {}), **environment(self.device)}
 
+    def metric_plan(self, model: str, digits: bool, prompts: str | list | None) -> dict[str, str]:
+        return metric_plan(self.settings, self.clip is not None, model, digits, prompts)
+
     def evaluate(self, sampler: ModelSampler, grid_path: Path | None = None) -> dict:
         """Metrics, NFE, cost and protocol of one sampler."""
         s = self.settings
+        skipped = self.metric_plan(sampler.model, digits_model(sampler), sampler.prompts)  # half-given pieces fail now
         conds = make_conditions(s.num_samples, s.seed, sampler.num_classes, sampler.prompts)
         with NFECounter(sampler.networks) as counter:
             images = generate_samples(sampler, conds, s.num_samples, s.seed, s.batch_size)
         q = quantize(images)  # [N, C, H, W] uint8
         record = {"model": sampler.model, "kind": sampler.kind, "solver": sampler.solver, "steps": sampler.steps,
                   "guidance_scale": sampler.guidance_scale, "label": sampler.label,
-                  "nfe": counter.rows / s.num_samples if sampler.networks else None,
-                  **distribution_metrics(self.reference.features, extract(self.features, q), s.pr_k, s.kid_subsets, s.seed)}
-        record["accuracy"] = accuracy(self.classifier.predict(q), conds.labels) if conds.labels is not None else None
+                  "nfe": counter.rows / s.num_samples if sampler.networks else None}
+        if "fid" in skipped:
+            record |= dict.fromkeys(DISTRIBUTION_KEYS)
+        else:
+            record |= distribution_metrics(self.reference.features, extract(self.features, q), s.pr_k, s.kid_subsets, s.seed)
+        use_labels = conds.labels is not None and "accuracy" not in skipped
+        record["accuracy"] = accuracy(self.classifier.predict(q), conds.labels) if use_labels else None
         if self.clip is not None and conds.prompts is not None:
             record |= self.clip.score(images, conds.prompts)
         if s.cost:
@@ -145,6 +221,6 @@ class Evaluator:
         record["info"] = sampler.info
         record["teacher"] = sampler.info.get("teacher")
         record["train_seconds"] = (sampler.info.get("training") or {}).get("seconds")
-        record["protocol"] = self.protocol()
+        record["protocol"] = self.protocol() | {"conditions": conditions_protocol(sampler, s.prompts), "metrics_skipped": skipped}
         record["settings"] = asdict(s)
         return record

@@ -10,7 +10,7 @@ from pathlib import Path
 COLUMNS = [  # (header, key, format)
     ("model", "label", "{}"), ("NFE", "nfe", "{:g}"), ("FID", "fid", "{:.3f}"), ("KID", "kid", "{:.4f}"),
     ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"),
-    ("Vendi", "vendi", "{:.2f}"), ("CLIP cos", "clip_cosine", "{:.4f}"),
+    ("Vendi", "vendi", "{:.2f}"), ("CLIP cos", "clip_cosine", "{:.4f}"), ("CLIP score", "clip_score", "{:.2f}"),
     ("latency ms", "latency_s", "ms"), ("img/s", "throughput_img_s", "{:.1f}"), ("peak MiB", "peak_memory_bytes", "mib"),
     ("speed-up vs T50", "speedup_vs_teacher_50", "x"), ("train min", "train_seconds", "min"),
 ]
@@ -94,6 +94,12 @@ def write_report(records: list[dict], out: Path, title: str = "stepdistill eval"
                   "- speed-up vs T50: the teacher's 50-step latency (DPM-Solver++, or Euler for flow teachers) over the "
                   "row's, both measured in this run (only when that teacher row is part of it)",
                   "- train min: wall-clock training time of a run directory or exported run (from its metrics.jsonl)", ""]
+        conditions = {r["label"]: r["protocol"].get("conditions") for r in records if r.get("protocol")}
+        if len(set(conditions.values())) > 1:
+            lines += ["## Conditions", ""] + [f"- {label}: {c}" for label, c in conditions.items()] + [""]
+        skipped = [(r["label"], k, why) for r in records for k, why in (r.get("protocol", {}).get("metrics_skipped") or {}).items()]
+        if skipped:
+            lines += ["## Metrics not measured", ""] + [f"- {label}: {k}: {why}" for label, k, why in skipped] + [""]
         lines += ["## Samples", ""] + [f"**{r['label']}**\n\n![{slug(r['label'])}]({Path(r['sample_grid']).relative_to(out)})\n"
                                        for r in records if r.get("sample_grid")]
     (out / "report.md").write_text("\n".join(lines) + "\n")

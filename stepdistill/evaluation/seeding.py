@@ -72,9 +72,14 @@ def make_conditions(n: int, base_seed: int, num_classes: int = 0, prompts: str |
 
     Args:
         num_classes: > 0 for class-conditional models (labels balanced over the classes).
-        prompts: None (no prompts), "digits" (digit captions; labels over 10 digits) or a list.
+        prompts: None (no prompts), "digits" (digit captions; labels over 10 digits) or a list (the user's
+            --prompts: block permutation over the list, no labels).
     """
     idx = list(range(n))
+    if prompts == "text":  # sources.TEXT: a prompt-conditioned model the user gave no prompts for
+        from ..contract import StepdistillError
+
+        raise StepdistillError("this model is text-to-image: give --prompts FILE (one prompt per line)")
     if prompts == "digits":
         labels = balanced_indices(idx, 10, base_seed)
         return Conditions(labels, digit_prompts(labels, idx, base_seed))

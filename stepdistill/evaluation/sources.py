@@ -15,7 +15,11 @@
   first k DDIM steps of an N-step schedule, the student finishes from x_s (``hybrid.py``: the
   hand-over and its NFE, k teacher steps x 2 with CFG + the student's steps).
 * **pipeline**: an exported folder loaded with ``DiffusionPipeline.from_pretrained`` and called
-  with ``num_inference_steps``, ``output_type="pt"`` and one generator per sample.
+  with ``num_inference_steps``, ``output_type="pt"``, one generator per sample, the prompts, and the
+  export's own ``call_kwargs`` for that step count (``stepdistill_export.json``: sigmas, guidance off,
+  resolution), so the stock pipeline replays the trained student; only the exported step counts.
+  A text family's own folder (``model_index.json`` of e.g. ``StableDiffusionPipeline`` without
+  ``stepdistill_export.json``) is a teacher, sampled with the solvers above.
 
 Every sampler maps (seeds [B], Conditions) to images [B, C, H, W] in [-1, 1]; sample i uses
 only the generator seeded with its own seed.
@@ -44,6 +48,8 @@ VP_SOLVERS = {
 }
 FLOW_SOLVERS = {"flow-euler": ("FlowMatchEulerDiscreteScheduler", {})}
 SOLVER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "unipc": "UniPC", "flow-euler": "FlowMatchEuler"}
+DIGITS = "digits"  # ModelSampler.prompts: the digit captions (labels known, so digits accuracy applies)
+TEXT = "text"  # ModelSampler.prompts: prompt-conditioned, waiting for the user's --prompts (use_prompts)
 
 
 @dataclass
@@ -58,7 +64,7 @@ class ModelSampler:
     generate: Callable[[Sequence[int], Conditions], Tensor]  # (seeds, conditions) -> [B, C, H, W] in [-1, 1]
     networks: list[nn.Module]  # every forward call of these counts as network evaluations (NFE)
     num_classes: int = 0
-    prompts: str | list[str] | None = None  # "digits" for digit-caption prompts
+    prompts: str | list[str] | None = None  # DIGITS (digit captions), TEXT (needs --prompts), a prompt list, or None
     info: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +85,8 @@ def model_kind(spec: str) -> str:
         return "student"
     if (path / "stepdistill_teacher.json").is_file() or ("/" not in spec and (assets_dir() / "teachers" / spec).is_dir()):
         return "teacher"
+    if (path / "model_index.json").is_file() and not (path / "stepdistill_export.json").is_file() and _family_teacher(path):
+        return "teacher"  # a text family's own folder (StableDiffusionPipeline, FluxPipeline, ...): what training distils
     if (path / "model_index.json").is_file():
         return "pipeline"
     if path.is_dir() and (path / "scheduler").is_dir() and ((path / "unet").is_dir() or (path / "transformer").is_dir()):
@@ -87,9 +95,85 @@ def model_kind(spec: str) -> str:
                            "(config.yaml + checkpoints/) or an exported pipeline folder (model_index.json)")
 
 
+def _family_teacher(folder: Path) -> bool:
+    """A folder whose model_index.json names a text family's pipeline, with its network and scheduler saved."""
+    from ..adapters.families import families
+
+    try:
+        pipeline = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        return False
+    fam = next((f for f in families().values() if pipeline in f.pipeline_classes), None)
+    return (fam is not None and fam.text and (folder / "scheduler").is_dir()
+            and ((folder / "unet").is_dir() or (folder / "transformer").is_dir()))
+
+
 def teacher_prompts(teacher) -> str | None:
-    """'digits' for prompt-conditioned teachers (the embedded digits-sd uses digit captions)."""
-    return "digits" if isinstance(teacher.conditioner, Prompts) else None
+    """Prompts of a teacher's samples: ``DIGITS`` for a teacher trained on the digit captions (its
+    stepdistill_teacher.json says ``default_prompts: digits``, as the embedded digits-sd), ``TEXT`` for any
+    other prompt-conditioned teacher (the user's ``--prompts`` must replace it: ``use_prompts``), else None."""
+    if not isinstance(teacher.conditioner, Prompts):
+        return None
+    return DIGITS if (teacher.info or {}).get("default_prompts") == "digits" else TEXT
+
+
+def digits_captions_teacher(name: str | None) -> bool:
+    """Whether a teacher named in a run or export (embedded name or folder) is trained on the digit captions."""
+    if not name:
+        return False
+    from ..teachers import resolve_teacher_folder
+
+    try:
+        meta = resolve_teacher_folder(name) / "stepdistill_teacher.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("default_prompts") == "digits"
+    except (StepdistillError, OSError, json.JSONDecodeError):
+        return False
+
+
+def text_teacher_needs_prompts(spec: str) -> bool:
+    """A teacher folder of a text family that has no digit captions of its own (so eval needs --prompts)."""
+    from ..teachers import resolve_teacher_folder
+
+    folder = resolve_teacher_folder(spec)
+    meta = folder / "stepdistill_teacher.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("default_prompts") == "digits":
+        return False
+    if (folder / "model_index.json").is_file() and _family_teacher(folder):
+        return True
+    return (folder / "tokenizer").is_dir() or (folder / "text_encoder").is_dir()
+
+
+def needs_prompts(spec: str) -> bool:
+    """Whether MODEL (any kind) is text-to-image without digit captions of its own, read from its files only."""
+    kind = model_kind(spec)
+    if kind == "teacher":
+        return text_teacher_needs_prompts(spec)
+    if kind == "student":
+        from ..config import load_config
+
+        name = load_config(str(Path(spec) / "config.yaml")).teacher.name
+        try:
+            return text_teacher_needs_prompts(name)
+        except StepdistillError:  # analytic presets and teachers no longer on disk: decided when loaded
+            return False
+    meta = export_meta(spec)
+    index = json.loads((Path(spec) / "model_index.json").read_text())
+    return isinstance(index.get("tokenizer"), list) and index["tokenizer"][0] is not None and not (
+        meta.get("prompts") or digits_captions_teacher(meta.get("teacher")))
+
+
+def use_prompts(sampler: "ModelSampler", prompts: list[str] | None) -> "ModelSampler":
+    """Give a prompt-conditioned sampler the user's ``--prompts`` (class-conditional and unconditional ones
+    keep their conditions); one-line error for a text model without them."""
+    if sampler.prompts is None:
+        return sampler
+    if prompts:
+        sampler.info["digits_teacher"] = sampler.prompts == DIGITS  # its images are still digits
+        sampler.prompts = list(prompts)
+    elif sampler.prompts == TEXT:
+        raise StepdistillError(f"{sampler.model!r} is a text-to-image model: give --prompts FILE (one prompt per line); "
+                               "samples cycle through them, one seed each")
+    return sampler
 
 
 def cond_dicts(conditioner, conds: Conditions, device) -> tuple[dict, dict | None]:
@@ -279,8 +363,14 @@ def _images_to_tensor(images) -> Tensor:
     return (images.float() * 2 - 1).clamp(-1, 1)
 
 
-def pipeline_call_kwargs(params, seeds: Sequence[int], conds: Conditions, steps: int, guidance_scale) -> dict:
-    """Keyword arguments for a pipeline ``__call__`` with these parameters."""
+def pipeline_call_kwargs(params, seeds: Sequence[int], conds: Conditions, steps: int, guidance_scale,
+                         export_call: dict | None = None) -> dict:
+    """Keyword arguments for a pipeline ``__call__`` with these parameters.
+
+    ``export_call``: the export's ``call_kwargs`` for this step count (``stepdistill_export.json``: e.g.
+    ``sigmas``, ``guidance_scale=1``, ``height``/``width``, the T5 length); they win over the defaults and
+    over ``--guidance-scale``, since only they replay the trained student.
+    """
     kwargs = {"num_inference_steps": steps, "generator": sample_generators(seeds)}
     if "output_type" in params:
         kwargs["output_type"] = "pt"
@@ -295,27 +385,68 @@ def pipeline_call_kwargs(params, seeds: Sequence[int], conds: Conditions, steps:
         kwargs["batch_size"] = len(seeds)
     if guidance_scale is not None and "guidance_scale" in params:
         kwargs["guidance_scale"] = guidance_scale
-    return kwargs
+    return kwargs | dict(export_call or {})
+
+
+def export_meta(folder: str | Path) -> dict:
+    """``stepdistill_export.json`` of an exported folder ({} for other pipeline folders)."""
+    path = Path(folder) / "stepdistill_export.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise StepdistillError(f"cannot read {path}: {e}") from None
+
+
+def export_steps(folder: str | Path, steps: Sequence[int]) -> list[int]:
+    """The requested step counts an exported folder replays its student at (all of them for other folders).
+
+    An export samples the trained student only at its exported step counts (``steps`` in
+    stepdistill_export.json; the call arguments are written per count); others are left out, and a
+    request with none of them is a one-line error.
+    """
+    exported = export_meta(folder).get("steps")
+    if not exported:
+        return list(steps)
+    kept = [n for n in steps if n in exported]
+    if not kept:
+        raise StepdistillError(f"exported pipeline {str(folder)!r} replays its student at --steps {' '.join(map(str, exported))} "
+                               f"only; --steps {' '.join(map(str, steps))} asks for none of them")
+    return kept
 
 
 def pipeline_sampler(folder: str | Path, steps: int, guidance_scale: float | None = None, device="cpu",
                      trust_remote_code: bool = False, num_classes: int = 0, prompts=None, model: str | None = None) -> ModelSampler:
-    """An exported pipeline folder at ``steps`` steps (see the module docstring)."""
+    """An exported pipeline folder at ``steps`` steps (see the module docstring).
+
+    Prompt pipelines get ``prompts`` (the user's list); without it, the digit captions when the
+    export's teacher is a digits-caption teacher, else ``TEXT`` (``use_prompts`` then asks for --prompts).
+    """
     pipe = load_pipeline(folder, device, trust_remote_code)
     params = inspect.signature(pipe.__call__).parameters
-    meta_path = Path(folder) / "stepdistill_export.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = export_meta(folder)
     num_classes = num_classes or int(meta.get("num_classes") or 0)
     if prompts is None and "prompt" in params:
-        prompts = meta.get("prompts", "digits")
+        prompts = meta.get("prompts") or (DIGITS if digits_captions_teacher(meta.get("teacher")) else TEXT)
+    export_call = (meta.get("call_kwargs") or {}).get(str(steps))
+    if meta.get("call_kwargs") and export_call is None:
+        raise StepdistillError(f"exported pipeline {str(folder)!r} has call arguments for steps "
+                               f"{', '.join(meta['call_kwargs'])} only, not {steps}")
+    if export_call and "guidance_scale" in export_call:
+        guidance_scale = export_call["guidance_scale"]
+
+    stochastic = bool(meta.get("stochastic_sampling")) and steps > 1
 
     @torch.no_grad()
     def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
-        out = pipe(**pipeline_call_kwargs(params, seeds, conds, steps, guidance_scale))
+        if stochastic:  # the scheduler's step noise comes from the global RNG: seeded per batch, not per sample
+            torch.manual_seed(int(seeds[0]))
+        out = pipe(**pipeline_call_kwargs(params, seeds, conds, steps, guidance_scale, export_call))
         return _images_to_tensor(out.images if hasattr(out, "images") else out[0])
 
     networks = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None)) if isinstance(m, nn.Module)]
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
-            "folder": str(folder), "teacher": meta.get("teacher"), "training": meta.get("training")}
+            "folder": str(folder), "teacher": meta.get("teacher"), "training": meta.get("training"),
+            "export_call_kwargs": export_call,
+            "step_noise": "global torch RNG seeded with the batch's first seed (depends on the batch size)" if stochastic else None}
     return ModelSampler(model or str(folder), "pipeline", info["scheduler"] or "pipeline", steps, guidance_scale, generate,
                         networks, num_classes, prompts if "prompt" in params else None, info)
