@@ -73,6 +73,43 @@ class StepdistillClassConditionalPipeline(DiffusionPipeline):
             last = self.scheduler.config.num_train_timesteps - 1
             self.scheduler.set_timesteps(timesteps=[int(round(float(t) * last)) for t in times], device=device)
 
+    def _teacher_handover(self, x, labels, teacher, teacher_scheduler, teacher_steps: int, teacher_schedule: int,
+                          guidance_scale: float, null_class: Optional[int]):
+        """The teacher's first k steps of its own N-step deterministic solver from x (diversity distillation).
+
+        VP teachers: ``DDIMScheduler`` (eta 0, ``timestep_spacing="trailing"``, the teacher's x0 clipping)
+        built from ``teacher_scheduler.config``; flow teachers: ``FlowMatchEulerDiscreteScheduler``.
+        Returns x after k steps and where it stands: the native timestep the DDIM step reached (VP) or
+        the flow sigma.
+        """
+        from diffusers import DDIMScheduler
+
+        if not 0 < teacher_steps < teacher_schedule:
+            raise ValueError(f"teacher_steps={teacher_steps} does not fit a {teacher_schedule}-step teacher schedule: "
+                             f"use 0 < teacher_steps < {teacher_schedule} (the student takes at least the last step)")
+        if guidance_scale > 1 and null_class is None:
+            raise ValueError("teacher_guidance_scale > 1 needs the teacher's null class (teacher_null_class)")
+        config = {k: v for k, v in dict(teacher_scheduler.config).items() if not k.startswith("_")}
+        flow = "FlowMatch" in type(teacher_scheduler).__name__
+        solver = FlowMatchEulerDiscreteScheduler.from_config(config) if flow else \
+            DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        solver.set_timesteps(teacher_schedule, device=x.device)
+        x = x * getattr(solver, "init_noise_sigma", 1.0)
+        for ts in solver.timesteps[:teacher_steps]:
+            t = ts.to(x.device).expand(len(x))
+            if guidance_scale > 1:
+                null = torch.full_like(labels, null_class)
+                both = teacher(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+                out_c, out_u = both[:, : x.shape[1]].float().chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            else:
+                out = teacher(x, t, class_labels=labels).sample[:, : x.shape[1]]
+            x = solver.step(out.to(x.dtype), ts, x).prev_sample
+        if flow:
+            return x, float(solver.sigmas[teacher_steps])
+        prev = int(solver.timesteps[teacher_steps - 1]) - solver.config.num_train_timesteps // solver.num_inference_steps
+        return x, prev
+
     @torch.no_grad()
     def __call__(
         self,
@@ -82,8 +119,29 @@ class StepdistillClassConditionalPipeline(DiffusionPipeline):
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+        timesteps: Optional[List[int]] = None,
+        sigmas: Optional[List[float]] = None,
+        teacher: Optional[torch.nn.Module] = None,
+        teacher_scheduler=None,
+        teacher_steps: int = 0,
+        teacher_schedule: int = 4,
+        teacher_guidance_scale: float = 1.0,
+        teacher_null_class: Optional[int] = None,
     ):
-        """Generate one image per label. ``output_type``: "pil", "np" or "pt" (images in [0, 1])."""
+        """Generate one image per label. ``output_type``: "pil", "np" or "pt" (images in [0, 1]).
+
+        ``latents``: the starting noise [B, C, H, W] (default: drawn from ``generator``). ``timesteps``
+        (VP, native) or ``sigmas`` (flow) replace the exported times, as in diffusers' stock pipelines.
+
+        Hybrid inference (the teacher's first step(s), then the student): pass the teacher network
+        (``teacher``: the UNet2DModel / DiTTransformer2DModel the student was distilled from, with the
+        same class labels) and its scheduler (``teacher_scheduler``, e.g. ``DDPMScheduler`` of the teacher
+        folder), and ``teacher_steps`` = k >= 1. The teacher runs the first k of ``teacher_schedule`` = N
+        steps of its deterministic solver (DDIM trailing / flow Euler, CFG at ``teacher_guidance_scale``
+        with ``teacher_null_class``); the student then finishes from there at the time the teacher
+        reached, followed by its own exported times below it. NFE: k (x2 with CFG) + the student's steps.
+        """
         labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long)
         net = self.denoiser
         device, dtype = self._execution_device, net.dtype
@@ -94,8 +152,35 @@ class StepdistillClassConditionalPipeline(DiffusionPipeline):
         cfg = net.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         shape = (len(labels), cfg.in_channels, size, size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self._set_times(num_inference_steps, device)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this model samples {shape}")
+        flow = isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
+        if teacher_steps:
+            if teacher is None or teacher_scheduler is None:
+                raise ValueError("teacher_steps > 0 needs the teacher network (teacher=) and its scheduler (teacher_scheduler=)")
+            x, reached = self._teacher_handover(latents.to(device, dtype), labels, teacher, teacher_scheduler, teacher_steps,
+                                                teacher_schedule, teacher_guidance_scale, teacher_null_class)
+            own = self.config.student_times.get(str(num_inference_steps))
+            if own is None:
+                raise ValueError(f"this student was exported for num_inference_steps in "
+                                 f"{sorted(int(k) for k in self.config.student_times)}, not {num_inference_steps}")
+            if flow:
+                sigmas = [reached] + [float(t) for t in own if float(t) < reached - 1e-6]
+            else:
+                last = self.scheduler.config.num_train_timesteps - 1
+                timesteps = [reached] + [g for g in (int(round(float(t) * last)) for t in own) if g < reached]
+            x = x / getattr(self.scheduler, "init_noise_sigma", 1.0)
+        else:
+            x = latents.to(device, dtype)
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=[float(s) for s in sigmas], device=device)
+        elif timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+        else:
+            self._set_times(num_inference_steps, device)
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         for t in self.progress_bar(self.scheduler.timesteps):
             if scale > 1:
                 null = torch.full_like(labels, self.config.null_class)

@@ -41,8 +41,10 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
     p.add_argument("--hybrid-teacher-steps", type=int, default=None, metavar="K",
-                   help="run directories: also evaluate the hybrid sampler, the teacher's first K DDIM steps (CFG at "
+                   help="run directories and exported pipelines: also evaluate the hybrid sampler, the teacher's first K DDIM steps (CFG at "
                         "--guidance-scale or the teacher's recommended scale) of a --hybrid-schedule grid, then the student")
+    p.add_argument("--hybrid-teacher", default=None, metavar="TEACHER",
+                   help="exported pipelines: the teacher of the hybrid sampler (default: the one the export names)")
     p.add_argument("--hybrid-schedule", type=int, default=4, metavar="N",
                    help="the teacher's step grid of the hybrid sampler: it hands over at t = 1 - K/N (default: 4)")
 
@@ -63,9 +65,10 @@ def default_solvers(teacher) -> list[str]:
 
 def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, guidance_scale: float | None = None,
                  device="cpu", trust_remote_code: bool = False, use_ema: bool = True, hybrid: tuple[int, int] | None = None,
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, hybrid_teacher: str | None = None):
     """Yield the ``ModelSampler``s one MODEL argument stands for (teacher x solver x steps, a student (and its
-    hybrid with ``hybrid`` = (k, N)), pipeline x steps).
+    hybrid with ``hybrid`` = (k, N)), pipeline x steps (and its hybrid; ``hybrid_teacher`` overrides the
+    export's teacher)).
 
     ``prompts`` (``--prompts``) replace the prompts of prompt-conditioned models; a text-to-image model
     without them is a one-line error (digit-caption teachers keep their captions).
@@ -83,6 +86,11 @@ def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, 
         for n in sources.export_steps(spec, steps):
             yield sources.use_prompts(sources.pipeline_sampler(spec, n, guidance_scale, device, trust_remote_code, model=spec),
                                       prompts)
+            if hybrid is not None:
+                from .hybrid import pipeline_hybrid_sampler
+
+                yield sources.use_prompts(pipeline_hybrid_sampler(spec, n, hybrid[0], hybrid[1], guidance_scale, device,
+                                                                  trust_remote_code, hybrid_teacher, prompts, model=spec), prompts)
         return
     from ..teachers import load_teacher
 
@@ -100,7 +108,8 @@ def samplers_for(spec: str, steps: list[int], solvers: list[str] | None = None, 
 
 def evaluate_models(models: list[str], out: Path, settings, steps: list[int], solvers=None, guidance_scale=None,
                     device="cpu", clip_model=None, trust_remote_code=False, use_ema=True, log=print,
-                    hybrid: tuple[int, int] | None = None, prompts: list[str] | None = None) -> list[dict]:
+                    hybrid: tuple[int, int] | None = None, prompts: list[str] | None = None,
+                    hybrid_teacher: str | None = None) -> list[dict]:
     """Evaluate every sampler of every MODEL; write results.json, report.md and grids into ``out``."""
     from .harness import Evaluator, metric_plan, summary
     from .report import slug, write_report
@@ -117,13 +126,19 @@ def evaluate_models(models: list[str], out: Path, settings, steps: list[int], so
         from .hybrid import check_hybrid
 
         check_hybrid(*hybrid)
-        if not any(model_kind(spec) == "student" for spec in models):
-            raise StepdistillError("--hybrid-teacher-steps needs a training run directory among the MODELs "
-                                   "(the student and its teacher); exported pipelines have no hybrid sampler yet")
+        if not any(model_kind(spec) in ("student", "pipeline") for spec in models):
+            raise StepdistillError("--hybrid-teacher-steps needs a training run directory or an exported pipeline among the MODELs "
+                                   "(a student and its teacher)")
+        from .hybrid import check_export_teacher
+
+        for spec in models:
+            if model_kind(spec) == "pipeline":
+                check_export_teacher(spec, hybrid_teacher)
     evaluator = Evaluator(settings, device, clip_model, log)
     records = []
     for spec in models:
-        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema, hybrid, prompts):
+        for sampler in samplers_for(spec, steps, solvers, guidance_scale, device, trust_remote_code, use_ema, hybrid, prompts,
+                                    hybrid_teacher):
             start = time.time()
             record = evaluator.evaluate(sampler, out / "grids" / f"{slug(sampler.label)}.png")
             record["eval_seconds"] = round(time.time() - start, 1)
@@ -153,6 +168,6 @@ def run_eval(args) -> int:
     records = evaluate_models(args.models, out, settings, args.steps, args.solvers, args.guidance_scale, device,
                               args.clip_model, args.trust_remote_code, not args.no_ema,
                               hybrid=None if args.hybrid_teacher_steps is None else (args.hybrid_teacher_steps, args.hybrid_schedule),
-                              prompts=prompts)
+                              prompts=prompts, hybrid_teacher=args.hybrid_teacher)
     print(json.dumps({"results": str(out / "results.json"), "report": str(out / "report.md"), "evaluations": len(records)}))
     return 0

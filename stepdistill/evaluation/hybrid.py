@@ -168,5 +168,141 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
                         generate, networks, teacher.num_classes, teacher_prompts(teacher), info)
 
 
-__all__ = ["hybrid_sample", "hybrid_sampler", "handover_time", "hybrid_student_times", "check_hybrid", "teacher_solver",
+# ---------------------------------------------------------------------------------- exported pipelines
+
+UNPACKED_FLOW = ("StableDiffusion3Pipeline", "SanaPipeline")  # flow pipelines that take latents as the network sees them
+
+
+def check_export_teacher(folder: str | Path, teacher: str | None = None) -> str:
+    """The teacher a hybrid sampler of an exported pipeline runs (``teacher`` or the export's own), resolved
+    before any sampling; one-line errors when the export does not name it or it is not here."""
+    from ..teachers import ANALYTIC, resolve_teacher_folder
+    from .sources import export_meta
+
+    meta = export_meta(folder)
+    if not meta.get("student_times"):
+        raise StepdistillError(f"{str(folder)!r} is not a stepdistill export (no stepdistill_export.json with student_times): "
+                               "hybrid inference needs the student's times")
+    name = teacher or meta.get("teacher")
+    if not name:
+        raise StepdistillError(f"{str(folder)!r} does not name its teacher; give --hybrid-teacher NAME_OR_FOLDER")
+    if name in ANALYTIC:
+        raise StepdistillError(f"teacher {name!r} is analytic; hybrid inference needs an image teacher folder")
+    try:
+        resolve_teacher_folder(name)
+    except StepdistillError as e:
+        raise StepdistillError(f"{e} (the hybrid teacher of {str(folder)!r}; --hybrid-teacher names another)") from None
+    return name
+
+
+def pipeline_hybrid_sampler(folder: str | Path, steps: int, teacher_steps: int = 1, schedule_steps: int = 4,
+                            guidance_scale: float | None = None, device="cpu", trust_remote_code: bool = False,
+                            teacher: str | None = None, prompts=None, model: str | None = None):
+    """A ``ModelSampler`` (kind "hybrid") of an exported pipeline: the teacher's first k of N solver steps,
+    then the exported student through its own pipeline ``__call__``.
+
+    The teacher is the export's (``stepdistill_export.json``: ``teacher``) or ``teacher`` (a name, folder or
+    cached model id). The class-conditional pipeline gets the teacher network and scheduler through its
+    own hybrid option (``teacher=``, ``teacher_scheduler=``, ``teacher_steps=``); stock diffusers pipelines
+    get the teacher's x_s as ``latents`` and the hand-over time plus their own later times as
+    ``timesteps`` (VP) or ``sigmas`` (flow), so the stock ``__call__`` runs the student's part.
+    """
+    import inspect
+
+    from ..teachers import load_teacher
+    from ..training.networks import inner_model
+    from .seeding import Conditions, per_sample_randn, sample_generators
+    from .sources import (DIGITS, SOLVER_NAMES, TEXT, ModelSampler, _images_to_tensor, cond_dicts, digits_captions_teacher,
+                          export_meta, load_pipeline, pipeline_call_kwargs, solver_steps)
+
+    check_hybrid(teacher_steps, schedule_steps)
+    name = check_export_teacher(folder, teacher)
+    meta = export_meta(folder)
+    own = meta["student_times"].get(str(steps))
+    if own is None:
+        raise StepdistillError(f"exported pipeline {str(folder)!r} replays its student at --steps "
+                               f"{' '.join(meta['student_times'])} only, not {steps}")
+    text_prompts = None if prompts in (None, DIGITS, TEXT) else list(prompts)
+    tea = load_teacher(name, prompts=text_prompts)
+    pipe = load_pipeline(folder, device, trust_remote_code)
+    params = inspect.signature(pipe.__call__).parameters
+    custom = "teacher_steps" in params  # stepdistill's class-conditional pipeline: its own hybrid option
+    flow = tea.denoiser.schedule.kind == "flow"
+    pipe_name = type(pipe).__name__
+    if not custom and not ("latents" in params and ("sigmas" if flow else "timesteps") in params):
+        raise StepdistillError(f"{pipe_name} takes no latents/{'sigmas' if flow else 'timesteps'}: "
+                               "hybrid inference through this pipeline is not supported")
+    if not custom and flow and pipe_name not in UNPACKED_FLOW:
+        raise StepdistillError(f"hybrid inference through {pipe_name} is not supported yet (its latents are packed); "
+                               "evaluate the run directory with --hybrid-teacher-steps instead")
+    w = float(tea.info.get("recommended_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    null_of = getattr(tea.conditioner, "null", None)
+    if null_of is None or null_of(1) is None:  # no unconditional branch: the teacher runs unguided
+        w = 1.0
+    sched = teacher_solver(tea, schedule_steps)
+    s = handover_time(sched, tea.denoiser.schedule, teacher_steps)
+    after = hybrid_student_times(own, s)
+    export_call = dict((meta.get("call_kwargs") or {}).get(str(steps)) or {})
+    for key in ("num_inference_steps", "timesteps", "sigmas", "latents"):
+        export_call.pop(key, None)
+    if prompts is None and "prompt" in params:
+        prompts = meta.get("prompts") or (DIGITS if digits_captions_teacher(meta.get("teacher")) else TEXT)
+    last = getattr(tea.denoiser.schedule, "num_train_timesteps", 1000) - 1
+    config = json.loads((tea.folder / "scheduler" / "scheduler_config.json").read_text())
+    net = inner_model(tea.denoiser)
+    tea.denoiser.to(device)
+
+    @torch.no_grad()
+    def generate(seeds: Sequence[int], conds: Conditions) -> Tensor:
+        from diffusers.utils import logging as dlogging
+
+        gens = sample_generators(seeds)
+        noise = per_sample_randn(gens, tea.sample_shape).to(device)  # [B, *shape]
+        kwargs = pipeline_call_kwargs(params, seeds, conds, steps, None, export_call)
+        if custom:
+            kwargs |= {"latents": noise, "teacher": net, "teacher_scheduler": _scheduler_from(config),
+                       "teacher_steps": teacher_steps, "teacher_schedule": schedule_steps, "teacher_guidance_scale": w,
+                       "teacher_null_class": getattr(tea.conditioner, "null_class", None)}
+        else:
+            cond, null = cond_dicts(tea.conditioner, conds, device)
+            fresh = teacher_solver(tea, schedule_steps)
+            x = solver_steps(TeacherView(tea.denoiser), fresh, noise * getattr(fresh, "init_noise_sigma", 1.0), cond, null, w,
+                             count=teacher_steps)
+            kwargs["latents"] = x
+            if flow:
+                kwargs["sigmas"] = [float(t) for t in after]
+            else:
+                kwargs["timesteps"] = [int(round(float(t) * last)) for t in after]
+            kwargs.pop("num_inference_steps", None)
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # LCMScheduler warns about timesteps off its distillation grid: expected here
+        try:
+            out = pipe(**kwargs)
+        finally:
+            dlogging.set_verbosity(level)
+        return _images_to_tensor(out.images if hasattr(out, "images") else out[0])
+
+    uses_cfg = w not in (0.0, 1.0)
+    nfe = teacher_steps * (2 if uses_cfg else 1) + len(after)
+    info = {"pipeline": pipe_name, "folder": str(folder), "teacher": name, "times": list(own), "hybrid": {
+        "teacher_steps": teacher_steps, "schedule_steps": schedule_steps, "handover_time": s,
+        "student_times_after_handover": list(after), "teacher_solver": type(sched).__name__,
+        "teacher_timesteps": [round(float(v), 3) for v in sched.timesteps[:teacher_steps]],
+        "teacher_guidance_scale": w, "nfe": nfe, "through": "pipeline teacher option" if custom else "latents + " + ("sigmas" if flow else "timesteps"),
+        "nfe_formula": f"{teacher_steps} teacher step(s) x {2 if uses_cfg else 1} + {len(after)} student step(s)"}}
+    networks = list({id(m): m for m in [net] + [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None))
+                                                  if isinstance(m, torch.nn.Module)]}.values())
+    solver = f"teacher {SOLVER_NAMES['flow-euler' if flow else 'ddim']} {teacher_steps}/{schedule_steps} + exported student"
+    return ModelSampler(model or str(folder), "hybrid", solver, len(after), w, generate, networks,
+                        int(meta.get("num_classes") or tea.num_classes), prompts if "prompt" in params else None, info)
+
+
+def _scheduler_from(config: dict):
+    """The teacher's own diffusers scheduler (its folder's scheduler_config.json)."""
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+__all__ = ["hybrid_sample", "hybrid_sampler", "pipeline_hybrid_sampler", "check_export_teacher", "handover_time", "hybrid_student_times", "check_hybrid", "teacher_solver",
            "TeacherView"]
