@@ -61,7 +61,8 @@ def model_entries(proto: dict) -> list[dict]:
     out = [{"spec": m["teacher"], "solvers": m.get("solvers"), "steps": m.get("steps", [1, 2, 4])} for m in proto.get("models", [])]
     out += [{"spec": r if isinstance(r, str) else r["path"], "solvers": None,
              "steps": ([1] if isinstance(r, str) else r.get("steps", [1])),
-             "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False))}
+             "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False)),
+             "hybrid": None if isinstance(r, str) or not r.get("hybrid") else tuple(int(v) for v in r["hybrid"])}
             for r in proto.get("runs") or []]
     return out
 
@@ -95,7 +96,8 @@ def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, co
         out = RESULTS / f"{name}__{slug(spec)}.json"
         records = []
         steps = [n for n in entry["steps"] if n in FAST["steps"]] or entry["steps"][:1] if fast else entry["steps"]
-        for sampler in samplers_for(spec, steps, entry["solvers"], trust_remote_code=entry.get("trust_remote_code", False)):
+        for sampler in samplers_for(spec, steps, entry["solvers"], trust_remote_code=entry.get("trust_remote_code", False),
+                                    hybrid=entry.get("hybrid")):
             start = time.time()
             record = evaluator.evaluate(sampler, RESULTS / "grids" / f"{name}__{slug(sampler.label)}.png")
             record["sample_grid"] = str(Path(record["sample_grid"]).relative_to(RESULTS.parent))

@@ -41,6 +41,28 @@ def test_fid_self_zero_and_monotone_in_pixel_noise(digits, feature_net):
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
 
 
+def test_layer_view_sees_grain_and_blur_the_penultimate_features_barely_see():
+    """The artifact-sensitive view (issue 17 item 8): pixel noise of std 0.1 or a 3x3 blur on real digits
+    moves its FID far above the real-vs-real floor, where the classifier's penultimate features move little."""
+    from stepdistill.evaluation.features import DigitsLayerFeatures
+    from stepdistill.training.data.digits import load_digits_images
+
+    images = load_digits_images()[0]
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    a, b = images[perm[:800]], images[perm[800:1600]]
+    noisy = b + 0.1 * torch.randn(b.shape, generator=torch.Generator().manual_seed(1))
+    kernel = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(b, (1, 1, 1, 1), mode="replicate"), kernel[None, None])
+    ratios = {}
+    for name, net in (("penultimate", DigitsFeatures()), ("layers", DigitsLayerFeatures())):
+        real = extract(net, quantize(a))
+        floor = metrics.fid(real, extract(net, quantize(b)))
+        ratios[name] = [metrics.fid(real, extract(net, quantize(x))) / floor for x in (noisy, blurred)]
+    assert ratios["penultimate"][0] < 1.3 and ratios["layers"][0] > 1.7, ratios  # grain
+    assert ratios["layers"][1] > 3 * ratios["penultimate"][1], ratios  # blur
+    assert DigitsLayerFeatures().num_features == 2 * 32 + 2 * (32 + 64) + 128
+
+
 def test_fid_through_torchmetrics_feature_module_matches_precomputed(digits, feature_net):
     images, _ = digits
     real_q = quantize(images[:200])
@@ -212,7 +234,8 @@ def test_eval_cli_end_to_end_on_tiny_teacher(unet_teacher_dir, tmp_path, capsys)
     records = json.loads((out / "results.json").read_text())
     assert [r["steps"] for r in records] == [1, 2]
     for r in records:
-        for key in ("fid", "kid", "precision", "recall", "accuracy", "vendi", "latency_s", "throughput_img_s"):
+        for key in ("fid", "fid_layers", "recall_layers", "kid", "precision", "recall", "accuracy", "vendi", "latency_s",
+                    "throughput_img_s"):
             assert math.isfinite(r[key]), key
         assert r["nfe"] == 2 * r["steps"]  # CFG: conditional + unconditional row per step
         assert r["peak_memory_bytes"] > 0

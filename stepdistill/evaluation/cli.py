@@ -39,6 +39,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--cost-batch-size", type=int, default=64, help="batch size of the throughput measurement (default: 64)")
     p.add_argument("--cache-dir", default=None, help="reference feature cache (default: ~/.cache/stepdistill/reference)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
+    p.add_argument("--no-artifact-view", action="store_true",
+                   help="digits models: skip the second, artifact-sensitive feature view (FID layers, recall layers)")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
     p.add_argument("--hybrid-teacher-steps", type=int, default=None, metavar="K",
                    help="run directories and exported pipelines: also evaluate the hybrid sampler, the teacher's first K DDIM steps (CFG at "
@@ -163,7 +165,7 @@ def run_eval(args) -> int:
     settings = EvalSettings(prompts=args.prompts, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
                             reference=args.reference, feature_net="inception" if args.inception_weights else "digits",
                             inception_weights=args.inception_weights, inception_antialias=not args.tf_resize,
-                            cost=not args.no_cost, cost_batch_size=args.cost_batch_size, cache_dir=args.cache_dir)
+                            artifact_view=not args.no_artifact_view, cost=not args.no_cost, cost_batch_size=args.cost_batch_size, cache_dir=args.cache_dir)
     out = Path(args.out)
     records = evaluate_models(args.models, out, settings, args.steps, args.solvers, args.guidance_scale, device,
                               args.clip_model, args.trust_remote_code, not args.no_ema,

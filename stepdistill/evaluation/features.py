@@ -9,6 +9,8 @@ path truncates with ``(x * 255).byte()`` instead; see shared/reference/ecosystem
 
 * ``DigitsFeatures``: the shipped digits classifier's penultimate layer (D = 128); RGB is
   averaged to gray, other sizes are resized to 16 x 16 (bilinear, antialias).
+* ``DigitsLayerFeatures``: the artifact-sensitive view of the same network (statistics pooled from
+  several layers; grain and blur move it where the penultimate features barely notice them).
 * ``InceptionFeatures``: torchmetrics' ``NoTrainInceptionV3`` (the TF-FID Inception, 2048-d pool
   features) from a local weights file only; it resizes to 299 itself, with torch's antialiased
   bilinear (``antialias=True``, torchmetrics' default) or the TF1-compatible resize
@@ -89,6 +91,58 @@ class DigitsFeatures(nn.Module):
         return self.net.predict(self.to_input(images))
 
 
+class DigitsLayerFeatures(DigitsFeatures):
+    """An artifact-sensitive view: statistics pooled from several layers of the digits classifier.
+
+    The penultimate features of a classifier trained with noise augmentation are nearly blind to
+    grain and blur (on 800 vs 797 real digits: FID 0.95 real-vs-real, 1.04 with Gaussian pixel noise
+    of std 0.1, i.e. +9%). Here each image is described by the spatial mean and standard deviation
+    of every channel of the first convolution (before its ReLU), of each conv block's output (before
+    pooling), and by the penultimate features; each group is divided by its typical spread on the
+    real digits (mean over dimensions of the per-dimension std on all 1797 digits, computed once)
+    and by sqrt(its size), so every group weighs about the same, then all are multiplied by 10.
+    The same noise then raises this view's FID from 9.2 to 18.9 (+106%), a 3x3 blur from 9.2 to 138.
+    """
+
+    SCALE = 10.0
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__(path)
+        from ..training.data.digits import load_digits_images
+
+        self.num_features = 2 * self.net.conv[0][0].out_channels + sum(2 * block[2].out_channels for block in self.net.conv) \
+            + self.net.num_features
+        real = load_digits_images()[0].float()  # [1797, 1, 16, 16] in [-1, 1]
+        groups = self._groups(real)
+        self.spread = [float(g.std(0).mean()) for g in groups]
+        self.protocol = self.protocol | {
+            "feature_network": "digits-classifier layer statistics (assets/feature_net): per-channel spatial mean and std "
+                               "of conv1 (pre-ReLU) and of each conv block's output, plus the penultimate features; each "
+                               "group / (its mean per-dimension std on the 1797 digits * sqrt(size)) * 10",
+            "num_features": self.num_features}
+
+    def _groups(self, x: Tensor) -> list[Tensor]:
+        """[mean, std] per channel of conv1 (pre-ReLU) and of each block's output, then the penultimate features."""
+        def stats(h: Tensor) -> Tensor:
+            return torch.cat([h.mean((2, 3)), h.std((2, 3))], 1)
+
+        net = self.net
+        x = net._check(x)
+        groups = [stats(net.conv[0][0](x))]
+        h = x
+        for block in net.conv:
+            h = block[:4](h)  # conv, ReLU, conv, ReLU
+            groups.append(stats(h))
+            h = block[4](h)  # pooling
+        groups.append(net.fc(h))
+        return groups
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        groups = self._groups(self.to_input(images))
+        return torch.cat([g / (s * g.shape[1] ** 0.5) for g, s in zip(groups, self.spread)], 1) * self.SCALE  # [N, D]
+
+
 class InceptionFeatures(nn.Module):
     """2048-d Inception-v3 pool features (torchmetrics / torch-fidelity network) from a local file."""
 
@@ -159,14 +213,16 @@ class Precomputed(nn.Module):
 
 
 def feature_network(name: str = "digits", inception_weights: str | None = None, antialias: bool = True) -> nn.Module:
-    """``digits`` or ``inception`` (needs ``inception_weights``)."""
+    """``digits``, ``digits-layers`` (the artifact-sensitive view) or ``inception`` (needs ``inception_weights``)."""
     if name == "digits":
         return DigitsFeatures()
+    if name == "digits-layers":
+        return DigitsLayerFeatures()
     if name == "inception":
         if not inception_weights:
             raise StepdistillError("feature network 'inception' needs --inception-weights PATH (nothing is downloaded)")
         return InceptionFeatures(inception_weights, antialias)
-    raise StepdistillError(f"unknown feature network {name!r}; expected digits or inception")
+    raise StepdistillError(f"unknown feature network {name!r}; expected digits, digits-layers or inception")
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ class EvalSettings:
     grid_samples: int = 80  # samples in the PNG grid (sorted by class: 8 per class for 80)
     cache_dir: str | None = None  # reference feature cache (default ~/.cache/stepdistill/reference)
     prompts: str | None = None  # --prompts FILE of prompt-conditioned models (recorded; the list comes with evaluate)
+    artifact_view: bool = True  # digits features: also FID / recall in the layer-statistics view (fid_layers, recall_layers)
 
     def check(self) -> None:
         if self.num_samples < 2:
@@ -88,7 +89,7 @@ def conditions_protocol(sampler: ModelSampler, prompts_file: str | None) -> str:
 def summary(record: dict) -> str:
     """One log line of a record's numbers (skipped metrics left out)."""
     parts = [f"{name} {record[key]:{fmt}}" for name, key, fmt in (
-        ("FID", "fid", ".3f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"), ("acc", "accuracy", ".3f"),
+        ("FID", "fid", ".3f"), ("FID-layers", "fid_layers", ".2f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"), ("acc", "accuracy", ".3f"),
         ("CLIP", "clip_score", ".2f"), ("NFE", "nfe", "g")) if record.get(key) is not None]
     skipped = record.get("protocol", {}).get("metrics_skipped") or {}
     return "  ".join(parts) + (f"  (skipped: {', '.join(skipped)})" if skipped else "")
@@ -158,6 +159,12 @@ class Evaluator:
         self.settings, self.device, self.log = settings, torch.device(device), log
         self.features = feature_network(settings.feature_net, settings.inception_weights, settings.inception_antialias)
         self.reference: Reference = reference_features(settings.reference, self.features, settings.cache_dir, log)
+        self.layers = self.layer_reference = None
+        if settings.artifact_view and settings.feature_net == "digits":  # the artifact-sensitive second view
+            from .features import DigitsLayerFeatures
+
+            self.layers = DigitsLayerFeatures()
+            self.layer_reference = reference_features(settings.reference, self.layers, settings.cache_dir, log)
         self._classifier = None
         self.clip = None
         if clip_model:
@@ -182,6 +189,7 @@ class Evaluator:
                               "template drawn per sample",
                 "reference": s.reference, "reference_count": len(self.reference.features),
                 "reference_key": self.reference.key, **self.features.protocol,
+                "artifact_view": self.layers.protocol["feature_network"] if self.layers is not None else None,
                 "precision_recall_k": s.pr_k, "kid_subsets": s.kid_subsets,
                 "kid_subset_size": min(1000, s.num_samples, len(self.reference.features)),
                 **(self.clip.protocol if self.clip else {}), **environment(self.device)}
@@ -204,6 +212,9 @@ class Evaluator:
             record |= dict.fromkeys(DISTRIBUTION_KEYS)
         else:
             record |= distribution_metrics(self.reference.features, extract(self.features, q), s.pr_k, s.kid_subsets, s.seed)
+            if self.layers is not None:
+                view = distribution_metrics(self.layer_reference.features, extract(self.layers, q), s.pr_k, s.kid_subsets, s.seed)
+                record |= {"fid_layers": view["fid"], "precision_layers": view["precision"], "recall_layers": view["recall"]}
         use_labels = conds.labels is not None and "accuracy" not in skipped
         record["accuracy"] = accuracy(self.classifier.predict(q), conds.labels) if use_labels else None
         if self.clip is not None and conds.prompts is not None:

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 COLUMNS = [  # (header, key, format)
-    ("model", "label", "{}"), ("NFE", "nfe", "{:g}"), ("FID", "fid", "{:.3f}"), ("KID", "kid", "{:.4f}"),
+    ("model", "label", "{}"), ("NFE", "nfe", "{:g}"), ("FID", "fid", "{:.3f}"), ("FID layers", "fid_layers", "{:.2f}"),
+    ("recall layers", "recall_layers", "{:.3f}"), ("KID", "kid", "{:.4f}"),
     ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("accuracy", "accuracy", "{:.3f}"),
     ("Vendi", "vendi", "{:.2f}"), ("CLIP cos", "clip_cosine", "{:.4f}"), ("CLIP score", "clip_score", "{:.2f}"),
     ("latency ms", "latency_s", "ms"), ("img/s", "throughput_img_s", "{:.1f}"), ("peak MiB", "peak_memory_bytes", "mib"),
@@ -16,7 +17,7 @@ COLUMNS = [  # (header, key, format)
 ]
 TEACHER_50_SOLVERS = ["dpm++", "flow-euler", "unipc", "ddim"]  # the teacher's 50-step reference, best solver first
 PROTOCOL_KEYS = ["reference", "reference_count", "num_samples", "seeds", "conditions", "feature_network", "feature_sha256",
-                 "resize", "color", "quantization", "precision_recall_k", "kid_subset_size", "clip_model", "device",
+                 "resize", "color", "quantization", "artifact_view", "precision_recall_k", "kid_subset_size", "clip_model", "device",
                  "python", "versions"]
 
 
