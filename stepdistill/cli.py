@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .contract import StepdistillError
+from .validation import positive_int
 
 EXAMPLES = {
     "train": "stepdistill train toy2d/dmd objective.guidance_scale=1 train.steps=200 --output-dir runs/toy",
@@ -24,12 +25,18 @@ EXAMPLES = {
 }
 
 
+def _require_recipe(recipe: str) -> None:
+    if not recipe.strip():
+        raise StepdistillError("RECIPE is empty: give a recipe file or a shipped name (see `stepdistill recipes`)")
+
+
 def _cmd_train(args) -> int:
     from .config import load_config
     from .training.trainer import train
 
+    _require_recipe(args.recipe)
     cfg = load_config(args.recipe, args.overrides)
-    out = Path(args.output_dir or Path("runs") / Path(args.recipe).with_suffix("").name)
+    out = Path(args.output_dir or Path("runs") / (Path(args.recipe).stem or "run"))
     summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))
     return 0
@@ -69,6 +76,7 @@ def _cmd_plan(args) -> int:
     from .config import load_config
     from .plan import device_memory, estimate, format_plan
 
+    _require_recipe(args.recipe)
     cfg = load_config(args.recipe, args.overrides)
     gib = device_memory(args.device)
     plan = estimate(cfg, args.batch_size, args.precision, args.shards, True if args.gradient_checkpointing else None)
@@ -107,8 +115,20 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _one_line(message: str) -> str:
+    """An error message on one line: control characters (from user input echoed back) escaped."""
+    return "".join(ch if ch >= " " or ch == "\t" else repr(ch)[1:-1] for ch in str(message).strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``stepdistill eval: error: ... (stepdistill eval --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stepdistill",
         description="Distil a multi-step diffusion or flow teacher into a 1-4 step student.",
         epilog="example: " + EXAMPLES["quickstart"],
@@ -141,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
             "with its scheduler and timesteps set", _cmd_export)
     p.add_argument("run_dir", help="a training run directory (the --output-dir of stepdistill train)")
     p.add_argument("out_dir", help="the folder to write (must not exist or be empty)")
-    p.add_argument("--steps", type=int, nargs="+", help="step counts to export (default: the run's own; consistency "
+    p.add_argument("--steps", type=positive_int, nargs="+", help="step counts to export (default: the run's own; consistency "
                    "students accept any)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights when the run kept them (default)")
     p.add_argument("--lora", action="store_true", help="LoRA students of SD-style teachers: also write the adapter for load_lora_weights")
@@ -152,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(exit 1 when it will not fit --device)", _cmd_plan)
     p.add_argument("recipe", help="recipe file or shipped name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. teacher.name=/path/to/sdxl")
-    p.add_argument("--batch-size", type=int, help="per-device batch size (default: the recipe's)")
+    p.add_argument("--batch-size", type=positive_int, help="per-device batch size (default: the recipe's)")
     p.add_argument("--precision", choices=["no", "fp32", "bf16", "fp16"], help="compute precision (default: train.mixed_precision)")
     p.add_argument("--device", help="device to check against: a size (24GB) or a name (a100-80gb, h100, rtx4090, ...)")
-    p.add_argument("--shards", type=int, default=1, help="FSDP shards (devices) for the trained full networks")
+    p.add_argument("--shards", type=positive_int, default=1, help="FSDP shards (devices) for the trained full networks")
     p.add_argument("--gradient-checkpointing", action="store_true", help="estimate with gradient checkpointing on")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     from .evaluation.cli import add_eval_arguments
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except StepdistillError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .contract import StepdistillError
+from .validation import device_name, finite_float, nonneg_int, positive_int, seed_int
 from .evaluation.seeding import Conditions, per_sample_randn, sample_generators
 
 EXAMPLE = "stepdistill inspect runs/a --steps 8 --seeds 0 1 2 3 --labels 0 3 7 --out inspect/a.png"
@@ -367,17 +368,17 @@ def add_inspect_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="embedded teacher name or teacher folder, run directory, or exported pipeline folder")
     p.add_argument("--out", required=True, help="the PNG grid to write; its numbers go to the same name with .json")
     p.add_argument("--teacher", help="teacher of the reference rows (default: the run's / pipeline's own teacher)")
-    p.add_argument("--steps", type=int, default=8, help="teacher DDIM steps (default: 8)")
-    p.add_argument("--student-steps", type=int, help="exported pipelines: num_inference_steps (default: its first exported count)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="noise seeds, one row each per condition (default: 0 1 2 3)")
+    p.add_argument("--steps", type=positive_int, default=8, help="teacher DDIM steps (default: 8)")
+    p.add_argument("--student-steps", type=positive_int, help="exported pipelines: num_inference_steps (default: its first exported count)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3], help="noise seeds, one row each per condition (default: 0 1 2 3)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--labels", type=int, nargs="+", help="class labels (class-conditional teachers; default: 0 1 2)")
+    group.add_argument("--labels", type=nonneg_int, nargs="+", help="class labels (class-conditional teachers; default: 0 1 2)")
     group.add_argument("--prompts", metavar="FILE", help="prompt file, one per line (text teachers)")
-    p.add_argument("--guidance-scale", type=float, help="teacher CFG scale (default: its recommended_guidance_scale)")
-    p.add_argument("--hybrid-teacher-steps", type=int, metavar="K", help="run directories: add the hybrid sampler's panel "
+    p.add_argument("--guidance-scale", type=finite_float, help="teacher CFG scale (default: its recommended_guidance_scale)")
+    p.add_argument("--hybrid-teacher-steps", type=nonneg_int, metavar="K", help="run directories: add the hybrid sampler's panel "
                    "(the teacher's first K steps of a --hybrid-schedule grid, then the student)")
-    p.add_argument("--hybrid-schedule", type=int, default=4, metavar="N", help="the hybrid teacher's step grid (default: 4)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--hybrid-schedule", type=positive_int, default=4, metavar="N", help="the hybrid teacher's step grid (default: 4)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
 

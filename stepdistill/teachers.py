@@ -110,7 +110,22 @@ def _load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise StepdistillError(f"{path}/config.json names {class_name!r}, which is not a diffusers model class")
-    return cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
+    weights = sorted(q.name for q in path.iterdir() if q.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+    if not any(w.endswith(".safetensors") for w in weights):
+        found = f"only {', '.join(weights)}" if weights else "no weights file"
+        raise StepdistillError(f"{path} has {found}: stepdistill loads safetensors weights only "
+                               "(convert with diffusers' save_pretrained(..., safe_serialization=True))")
+    from safetensors import SafetensorError
+
+    try:
+        model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepdistillError(f"cannot load the weights in {path} (truncated or corrupt?): {first}") from e
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise StepdistillError(f"the weights in {path} contain NaN or inf ({len(bad)} tensors, e.g. {bad[0]})")
+    return model
 
 
 def text_encoder_minilm():

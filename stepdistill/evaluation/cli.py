@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..contract import StepdistillError
+from ..validation import device_name, finite_float, nonneg_int, positive_int, seed_int
 
 EXAMPLE = ("stepdistill eval digits-unet runs/a exports/a --steps 1 2 4 --num-samples 1000 --reference digits "
            "--out eval_out/a")
@@ -17,37 +18,37 @@ def add_eval_arguments(p) -> None:
     """The ``eval`` sub-command's arguments (argparse parser ``p``)."""
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="embedded teacher name or teacher folder, training run directory, or exported pipeline folder")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts for teachers and pipelines (default: 1 2 4); "
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4], help="step counts for teachers and pipelines (default: 1 2 4); "
                    "a run directory's student uses its own student.times")
     p.add_argument("--solvers", nargs="+", default=None, help="teacher solvers: ddim dpm++ unipc (VP), flow-euler (flow); "
                    "default: ddim dpm++ for VP teachers, flow-euler for flow teachers")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
                    help="teacher CFG scale (default: its recommended_guidance_scale); passed to pipelines when given")
-    p.add_argument("--num-samples", type=int, default=1000, help="generated samples per setting (default: 1000)")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per setting (default: 1000)")
     p.add_argument("--reference", default="digits", help="real set: digits (1797), digits-train, digits-test, or an image folder")
     p.add_argument("--out", required=True, help="output folder: results.json, report.md, grids/*.png")
-    p.add_argument("--batch-size", type=int, default=100, help="sampling batch size (results do not depend on it)")
-    p.add_argument("--seed", type=int, default=0, help="base seed: sample i uses seed + i (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="sampling batch size (results do not depend on it)")
+    p.add_argument("--seed", type=seed_int, default=0, help="base seed: sample i uses seed + i (default: 0)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="local Inception weights (torch-fidelity .pth): FID/KID/PR in Inception features instead of digits features")
     p.add_argument("--tf-resize", action="store_true", help="Inception only: TF1-compatible resize (antialias=False) as TF-FID/ADM/EDM")
     p.add_argument("--clip-model", default=None, metavar="PATH", help="open_clip folder (open_clip_config.json + weights) for CLIP score")
     p.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: one prompt per line; sample i takes "
                    "one of them (seeded, balanced) with seed + i (default: a digit-caption teacher's own captions)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-cost", action="store_true", help="skip latency / throughput / memory")
-    p.add_argument("--cost-batch-size", type=int, default=64, help="batch size of the throughput measurement (default: 64)")
+    p.add_argument("--cost-batch-size", type=positive_int, default=64, help="batch size of the throughput measurement (default: 64)")
     p.add_argument("--cache-dir", default=None, help="reference feature cache (default: ~/.cache/stepdistill/reference)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow an exported folder's own pipeline .py to load")
     p.add_argument("--no-artifact-view", action="store_true",
                    help="digits models: skip the second, artifact-sensitive feature view (FID layers, recall layers)")
     p.add_argument("--no-ema", action="store_true", help="run directories: raw student weights instead of the EMA")
-    p.add_argument("--hybrid-teacher-steps", type=int, default=None, metavar="K",
+    p.add_argument("--hybrid-teacher-steps", type=nonneg_int, default=None, metavar="K",
                    help="run directories and exported pipelines: also evaluate the hybrid sampler, the teacher's first K DDIM steps (CFG at "
                         "--guidance-scale or the teacher's recommended scale) of a --hybrid-schedule grid, then the student")
     p.add_argument("--hybrid-teacher", default=None, metavar="TEACHER",
                    help="exported pipelines: the teacher of the hybrid sampler (default: the one the export names)")
-    p.add_argument("--hybrid-schedule", type=int, default=4, metavar="N",
+    p.add_argument("--hybrid-schedule", type=positive_int, default=4, metavar="N",
                    help="the teacher's step grid of the hybrid sampler: it hands over at t = 1 - K/N (default: 4)")
 
 

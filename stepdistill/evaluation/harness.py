@@ -45,8 +45,10 @@ class EvalSettings:
     def check(self) -> None:
         if self.num_samples < 2:
             raise StepdistillError(f"--num-samples must be at least 2 (FID needs two samples), got {self.num_samples}")
-        if self.batch_size < 1 or self.cost_batch_size < 1:
-            raise StepdistillError("--batch-size must be at least 1")
+        if self.batch_size < 1:
+            raise StepdistillError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.cost_batch_size < 1:
+            raise StepdistillError(f"--cost-batch-size must be at least 1, got {self.cost_batch_size}")
         if self.num_samples <= self.pr_k:
             raise StepdistillError(f"--num-samples must exceed k = {self.pr_k} of precision/recall")
 
@@ -57,7 +59,12 @@ def generate_samples(sampler: ModelSampler, conds: Conditions, n: int, seed: int
     out = []
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        out.append(sampler.generate([seed + i for i in idx], conds.take(idx)).float().cpu())
+        images = sampler.generate([seed + i for i in idx], conds.take(idx)).float().cpu()
+        if not torch.isfinite(images).all():
+            bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+            raise StepdistillError(f"{sampler.label}: {bad} of samples {idx[0]}..{idx[-1]} contain NaN or inf "
+                                   "(a non-finite guidance scale, weights or schedule?); no metrics computed")
+        out.append(images)
         if progress:
             progress(len(idx))
     return torch.cat(out)

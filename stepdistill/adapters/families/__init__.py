@@ -50,7 +50,7 @@ def need(cond, key: str, family: str) -> Tensor:
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
         raise StepdistillError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise StepdistillError(f"{path} must hold a JSON object, got {type(data).__name__}")
