@@ -81,6 +81,7 @@ class NetworkConfig:
 @dataclass
 class StudentConfig(NetworkConfig):
     times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
+    sigmas: list[float] = field(default_factory=list)  # instead of times: noise levels in EDM units (sigma/alpha, e.g. SiD's [2.5]), mapped onto each teacher's own schedule, so a recipe transfers between teachers; above the teacher's largest level = t 1
     ema_decay: float = 0.0  # EMA of the student weights (0 = off): the largest decay per student update (diffusers EMAModel decay); evaluation and export use the EMA
     ema_rampup: float = 0.05  # SiD's EMA ramp: half-life = min(H, ema_rampup x images seen), H the half-life of ema_decay (EMAModel use_ema_warmup, power 1, inv_gamma ln2/ema_rampup); 0 = EMAModel's (1+n)/(10+n) warm-up
 
@@ -92,6 +93,12 @@ class StudentConfig(NetworkConfig):
             raise StepdistillError("times must list at least one generation time, e.g. [1.0]")
         for t in self.times:
             check_range("times", t, 0.0, 1.0)
+        for v in self.sigmas:
+            check_range("sigmas", v, 0.0)
+            if v <= 0:
+                raise StepdistillError(f"student.sigmas must be positive noise levels (sigma/alpha), got {self.sigmas}")
+        if any(a <= b for a, b in zip(self.sigmas, self.sigmas[1:])):
+            raise StepdistillError(f"student.sigmas must be strictly decreasing, got {self.sigmas}")
 
 
 @dataclass

@@ -78,3 +78,31 @@ def test_ddim_sample_clips_x0_as_the_teachers_scheduler():
     cond, null = teacher.conditioner(8, g)
     x = ddim_sample(teacher.denoiser, torch.randn(8, *teacher.sample_shape, generator=g), cond, 50, null, 2.0)
     assert bool(torch.isfinite(x).all()) and float(x.abs().max()) <= 1.0 + 1e-6
+
+
+def test_student_sigmas_map_onto_each_teachers_schedule():
+    """student.sigmas (EDM sigma/alpha) give the same noise level on any schedule: a recipe transfers."""
+    from stepdistill.schedules import FlowSchedule, VPSchedule
+    from stepdistill.training.run import times_of_sigmas
+    from diffusers import DDPMScheduler
+
+    cosine = VPSchedule.from_config(dict(DDPMScheduler(beta_schedule="squaredcos_cap_v2").config))
+    (t,) = times_of_sigmas(cosine, [2.5], log=lambda _m: None)
+    assert round(t * 999) == 755  # the digits-unet SiD recipe's step
+    tt = torch.tensor([t])
+    assert abs(float(cosine.sigma(tt) / cosine.alpha(tt)) - 2.5) < 0.01
+    sd = VPSchedule.from_config(dict(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config))
+    assert round(times_of_sigmas(sd, [2.5], log=lambda _m: None)[0] * 999) == 625  # SiD-LSG's t_init on SD
+    flow = times_of_sigmas(FlowSchedule(), [2.5, 1.0], log=lambda _m: None)
+    assert flow == pytest.approx([2.5 / 3.5, 0.5], abs=1e-6)
+    said = []
+    assert times_of_sigmas(sd, [1e6], log=said.append) == [1.0] and "start from t = 1" in said[0]
+
+
+def test_student_sigmas_are_checked():
+    from stepdistill.config import load_config
+    from stepdistill.contract import StepdistillError
+
+    for bad in ("[1.0, 2.0]", "[0]", "[-1]", "[.nan]"):
+        with pytest.raises(StepdistillError, match="sigmas"):
+            load_config("toy2d/dmd", [f"student.sigmas={bad}"])

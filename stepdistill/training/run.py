@@ -76,12 +76,41 @@ def teacher_from_config(cfg: RunConfig, device="cpu") -> Teacher:
     return teacher
 
 
+def times_of_sigmas(schedule, sigmas, log=print) -> list[float]:
+    """Times t in (0, 1] where the teacher's schedule has sigma(t)/alpha(t) = each of ``sigmas`` (EDM units),
+    by bisection (the ratio rises with t on every schedule); a level above the schedule's largest gives t = 1."""
+    def ratio(t: float) -> float:
+        tt = torch.tensor([t])
+        return float(schedule.sigma(tt) / schedule.alpha(tt).clamp_min(1e-12))
+
+    top = ratio(1.0)
+    out = []
+    for target in sigmas:
+        if target >= top:
+            out.append(1.0)
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ratio(mid) < target else (lo, mid)
+        out.append(hi)
+    last = getattr(schedule, "num_train_timesteps", 0) - 1
+    if getattr(schedule, "kind", "") == "vp" and last > 0:  # the nearest integer step (student_times floors)
+        out = [max(1, round(t * last)) / last for t in out]
+    capped = [s for s, t in zip(sigmas, out) if t == 1.0 and s > top]
+    msg = f"student.sigmas {list(sigmas)} -> times {[round(t, 5) for t in out]} on this teacher's schedule"
+    log(msg + (f" (its largest sigma/alpha is {top:.3g}: {capped} start from t = 1)" if capped else ""))
+    return out
+
+
 def student_times(cfg: RunConfig, teacher: Teacher, log=print) -> tuple[float, ...]:
     """The student's times, checked; VP students snap to the teacher's integer timesteps (floor, so
     [1, .75, .5, .25] become LCMScheduler's grid [999, 749, 499, 249] and export replays them)."""
     import math
 
     times = [float(t) for t in cfg.student.times]
+    if cfg.student.sigmas:
+        times = times_of_sigmas(teacher.denoiser.schedule, cfg.student.sigmas, log)
     if not times or any(not 0 < t <= 1 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise StepdistillError(f"student.times must be strictly decreasing values in (0, 1], got {times}")
     schedule = teacher.denoiser.schedule
