@@ -19,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from stepdistill import cli
 from stepdistill.cli import build_parser, main
 
 FAST = ["train.log_every=1", "train.sample_every=0", "train.batch_size=16", "train.num_sample_images=4",
