@@ -124,3 +124,34 @@ def test_a_teacher_folder_with_its_own_text_encoder(tmp_path):
         (folder / "text_encoder").mkdir()
         clip.save_pretrained(folder / "text_encoder")
         load_teacher(str(folder))
+
+
+def test_digits_vunet_a_teacher_of_another_kind_loads_and_draws_the_asked_digits(capsys):
+    """The fourth embedded teacher (issue 17): v-prediction, scaled-linear betas, ten real classes and no null class."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    folder = assets_dir() / "teachers" / "digits-vunet"
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert unet.config.num_class_embeds == 10 and scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.beta_schedule == "scaled_linear" and "digits-vunet" in dict(list_teachers())
+    teacher = load_teacher("digits-vunet")
+    assert teacher.denoiser.schedule.kind == "vp" and teacher.conditioner.null_class is None
+    assert teacher.info["recommended_guidance_scale"] == 1.0
+    labels = torch.arange(30) % 10
+    assert _accuracy(teacher, labels, 20, 1.0) >= 0.8
+
+
+def test_a_digits_unet_recipe_runs_on_digits_vunet_with_the_teacher_name_changed(tmp_path):
+    """student.sigmas carry SiD's noise level over to the other schedule; no CFG on a teacher without a null class."""
+    from stepdistill.config import load_config
+    from stepdistill.training.trainer import Trainer
+
+    cfg = load_config("digits-unet/sid", ["teacher.name=digits-vunet", "objective.guidance_scale=1", "objective.fake_guidance_scale=1",
+                                          "objective.fake_train_guidance_scale=1", "train.batch_size=4", "train.steps=1",
+                                          "train.sample_every=0", "train.num_sample_images=4"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert round(tr.nets.student_times[0] * 999) == 625  # EDM sigma 2.5 on SD's scaled-linear betas (755 on digits-unet)
+    logs = tr.update("student")
+    assert all(math.isfinite(v) for v in logs.values())
+    tr.release()

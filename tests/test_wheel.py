@@ -38,7 +38,7 @@ def test_package_data_globs_cover_every_file_of_the_mapped_folders():
 
 
 def test_resources_find_the_teachers_recipes_and_pipeline_file(tmp_path, monkeypatch):
-    for name in ("digits-unet", "digits-flow", "digits-sd"):
+    for name in ("digits-unet", "digits-flow", "digits-sd", "digits-vunet"):
         assert (assets_dir() / "teachers" / name / "stepdistill_teacher.json").is_file()
     assert (assets_dir() / "feature_net" / "model.safetensors").is_file()
     assert (recipes_dir() / "digits-unet" / "sid.yaml").is_file()
