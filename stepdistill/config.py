@@ -355,9 +355,18 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
     _check_finite_tree(data, "")
     token = _IMPORTABLE.set(frozenset(_dotted_names(over.get("objective"))))
     try:
-        return _build(RunConfig, data, "")
+        cfg = _build(RunConfig, data, "")
     finally:
         _IMPORTABLE.reset(token)
+    cfg.explicit = frozenset(_dotted_keys(over))  # what the user set on the command line (teacher-derived defaults yield to it)
+    return cfg
+
+
+def _dotted_keys(node, prefix: str = "") -> set[str]:
+    """``{"objective": {"guidance_scale": 2}}`` -> ``{"objective.guidance_scale"}``."""
+    if not isinstance(node, dict):
+        return {prefix} if prefix else set()
+    return set().union(*(_dotted_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in node.items()))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -54,6 +54,38 @@ def test_guidance_on_a_teacher_without_null_class_is_a_one_line_error(tmp_path):
     assert build_run(cfg, log=lambda _m: None).teacher.conditioner.null_class is None  # guidance 1 runs
 
 
+@pytest.mark.parametrize("recipe", ["digits-unet/sid", "digits-unet/lcm", "digits-unet/scm-ladd"])
+def test_a_recipes_guidance_is_turned_off_with_one_line_on_a_teacher_without_null_class(tmp_path, recipe):
+    """Only teacher.name changed: every guidance scale the recipe asks for goes back to 'off', said in one line."""
+    from stepdistill.adapters.families.class_conditional import _guidance_fields
+
+    folder = bare_folder(tmp_path, 10)
+    cfg = load_config(recipe, FAST + [f"teacher.name={folder}"])
+    asked = [path for _n, _f, path, v, _d, _r in _guidance_fields(cfg.objective, "objective") if v not in (0, 1)]
+    assert asked, f"{recipe} no longer guides; pick a recipe that does"
+    lines: list[str] = []
+    build_run(cfg, log=lines.append)
+    said = [m for m in lines if "no null class" in m]
+    assert len(said) == 1 and "\n" not in said[0] and all(p + "=" in said[0] for p in asked), said
+    assert all(v in (0, 1) for _n, _f, _p, v, _d, _r in _guidance_fields(cfg.objective, "objective"))
+    pools = [getattr(n, "_data", None) for n, *_ in _guidance_fields(cfg.objective, "objective")]
+    assert all(p is None or p.guidance_scale == 1 for p in pools), "teacher-made sample pools are rebuilt without CFG"
+
+
+def test_turned_off_guidance_is_recorded_and_a_resume_agrees(tmp_path):
+    import yaml
+
+    from stepdistill.training.trainer import Trainer
+
+    folder = bare_folder(tmp_path, 10)
+    over = FAST + [f"teacher.name={folder}"]
+    Trainer(load_config("digits-unet/sid", over), tmp_path / "run", progress=False).run()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["objective"]
+    assert (saved["guidance_scale"], saved["fake_guidance_scale"], saved["fake_train_guidance_scale"]) == (1, 1, 1)
+    summary = Trainer(load_config("digits-unet/sid", over + ["train.steps=2"]), tmp_path / "run", resume=True, progress=False).run()
+    assert summary["steps"] == 2
+
+
 def test_teacher_null_class_enables_cfg_on_eleven_embeddings(tmp_path):
     from stepdistill.training.trainer import Trainer
 

@@ -215,10 +215,11 @@ def add_objective_networks(cfg: RunConfig, teacher: Teacher, trainables: dict[st
 
 def build_run(cfg: RunConfig, device="cpu", log=print, fit: bool = True) -> Run:
     """Teacher, trainables (student, fake score, objective networks) and student times from a config."""
-    from ..adapters.families.class_conditional import check_guidance
+    from ..adapters.families.class_conditional import resolve_guidance
 
     teacher = teacher_from_config(cfg, device)
-    check_guidance(teacher, cfg.objective)  # CFG asked of a teacher without a null class: one line, before any work
+    # CFG on a teacher without a null class: the recipe's is turned off (one line), the command line's is an error
+    resolve_guidance(teacher, cfg.objective, getattr(cfg, "explicit", frozenset()), log)
     fake_cfg = cfg.fake_score if "fake_score" in cfg.objective.trains else None
     trainables = build_networks(teacher, cfg.student, fake_cfg, cfg.train.seed, log, fit=fit)
     add_objective_networks(cfg, teacher, trainables, device)

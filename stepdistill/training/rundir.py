@@ -64,7 +64,12 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
         raise StepdistillError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
     if resume and not has_run:
         raise StepdistillError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
-    if not (resume and (run_dir / "config.yaml").is_file()):
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resume runs the run's own config (after teacher-derived settings, e.g. CFG off on a teacher
+    without a null class, are applied): only ``train.steps`` may differ, and only upwards."""
+    if not (run_dir / "config.yaml").is_file():
         return
     import yaml
 

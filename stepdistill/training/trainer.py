@@ -28,7 +28,7 @@ from .networks import Net, unwrap
 from .optim import make_accelerator, make_ema, prepare
 from .reporting import Reporter
 from .run import Trainable, build_run, swapped
-from .rundir import RunFolderLock, check_run_dir, training_summary
+from .rundir import RunFolderLock, check_resume_config, check_run_dir, training_summary
 from .signals import StopSignal
 
 
@@ -54,6 +54,8 @@ class Trainer:
         set_seed(tc.seed)  # network initialisation (e.g. the MLP denoisers) is seeded too
         self.objective = cfg.objective
         run = build_run(cfg, self.accelerator.device, self.log, fit=not resume)
+        if resume:
+            check_resume_config(self.run_dir, cfg)
         self.run_parts, self.teacher, self.trainables = run, run.teacher, run.trainables
         apply_memory_levers(self.trainables, self.teacher, cfg, self.accelerator.device, self.log)
         self.module_names, self.lora_modules = prepare(self.accelerator, self.trainables, self.objective, tc.steps)

@@ -77,39 +77,56 @@ def _class_labels(num_classes: int, null_class, name: str, embeds: int | None = 
     return ClassLabels(num_classes, null_class), num_classes
 
 
-def check_guidance(teacher, objective) -> None:
-    """One-line error when the objective asks for CFG (a ``*guidance_scale*`` field not 1) but the
-    class-conditional teacher has no null class (``teacher.null_class``)."""
+def _guidance_fields(node, path, record=None):
+    """Every ``*guidance_scale*`` number of an objective (a composed one's parts too):
+    ``(dataclass, field, dotted path, value, default, record)``; ``record`` is the dict a composed
+    objective saves for that part (``objective.parts[i]``), kept in step when the value changes."""
     import dataclasses
 
+    if not (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if "guidance_scale" in f.name and isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield node, f.name, f"{path}.{f.name}", value, f.default, record
+    for i, part in enumerate(getattr(node, "_parts", None) or []):  # Compose: the built parts and their saved dicts
+        yield from _guidance_fields(part.objective, f"{path}.parts[{i}]", node.parts[i])
+
+
+def _cfg_off(name: str, value) -> bool:
+    return value == 1 or (name.endswith("_max") and value == 0)  # vsd: guidance_scale_max 0 = fixed w
+
+
+def resolve_guidance(teacher, objective, explicit=frozenset(), log=print) -> list[str]:
+    """CFG on a class-conditional teacher without a null class (``teacher.null_class``): guidance a
+    recipe asks for is turned off (its field back to the objective's default, 1) with one line, so a
+    recipe pointed at such a teacher with only ``teacher.name`` changed runs; guidance the user set
+    on the command line (``explicit``, dotted keys) is a one-line error. Returns what was turned off."""
     from ...conditioning import ClassLabels
 
     cond = getattr(teacher, "conditioner", None)
     if not isinstance(cond, ClassLabels) or cond.null_class is not None:
-        return
-
-    def asks(node, path):
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for f in dataclasses.fields(node):
-                value = getattr(node, f.name)
-                if "guidance_scale" in f.name and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    off = value == 1 or (f.name.endswith("_max") and value == 0)  # vsd: guidance_scale_max 0 = fixed w
-                    if not off:
-                        return f"{path}.{f.name}={value}"
-                found = asks(value, f"{path}.{f.name}")
-                if found:
-                    return found
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                found = asks(v, f"{path}[{i}]")
-                if found:
-                    return found
-        return None
-
-    found = asks(objective, "objective")
-    if found:
-        raise StepdistillError(f"{found} needs classifier-free guidance, but teacher {teacher.name!r} has no null class: "
-                               f"set teacher.null_class=<index trained as 'no class'> if it has one, else guidance 1")
+        return []
+    dropped, touched = [], {}
+    for node, name, path, value, default, record in list(_guidance_fields(objective, "objective")):
+        if _cfg_off(name, value):
+            continue
+        given = any(path == k or path.startswith((k + ".", k + "[")) for k in explicit)  # objective.parts=[...] too
+        if given or not _cfg_off(name, default):
+            raise StepdistillError(f"{path}={value} needs classifier-free guidance, but teacher {teacher.name!r} has no null class: "
+                                   f"set teacher.null_class=<index trained as 'no class'> if it has one, else guidance 1")
+        setattr(node, name, default)
+        if record is not None:
+            record[name] = default
+        dropped.append(f"{path}={value}")
+        touched[id(node)] = node
+    for node in touched.values():  # state an objective derived from its guidance (teacher-made sample pools)
+        if callable(getattr(node, "setup", None)):
+            node.setup()
+    if dropped:
+        log(f"teacher {teacher.name!r} has no null class: the recipe's {', '.join(dropped)} set to no guidance "
+            "(classifier-free guidance needs an unconditional branch)")
+    return dropped
 
 
 @register_family
