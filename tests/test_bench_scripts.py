@@ -38,3 +38,53 @@ def test_bench_step_runs_and_reports_overhead(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["objective"] == "lcm" and row["trainer_s"] > 0 and row["bare_s"] > 0 and math.isfinite(row["overhead"])
+
+
+def _convergence():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convergence", ROOT / "eval" / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convergence_minutes_add_up_over_a_resume_and_targets_see_a_hit_and_a_drift(tmp_path):
+    conv = _convergence()
+    lines = [{"step": 25, "elapsed_s": 60.0}, {"step": 50, "elapsed_s": 120.0}, {"step": 75, "elapsed_s": 30.0}]  # resumed at 50
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert conv.minutes_by_round(tmp_path) == {25: 1.0, 50: 2.0, 75: 2.5}
+
+    def pts(fids):  # one checkpoint a minute, 25 rounds each
+        return [{"round": 25 * (i + 1), "minutes": float(i + 1), "ema": {"fid": f}} for i, f in enumerate(fids)]
+
+    steady = conv.targets(pts([3.0, 1.6, 1.2, 1.05, 1.04, 1.03, 1.03, 1.02, 1.02, 1.02, 1.02, 1.02]), teacher_fid=1.0)["ema"]
+    assert steady["met_within_budget"] and steady["first_minutes_at_target"] == 4.0 and steady["no_drift"]
+    assert steady["drift_window_rounds"] == [100, 300] and steady["covered_to_round"] == 300
+    drifting = conv.targets(pts([3.0, 2.0, 1.5, 1.3, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6, 2.8]), teacher_fid=1.0)["ema"]
+    assert not drifting["met_within_budget"] and drifting["first_round_at_target"] is None
+    assert not drifting["no_drift"] and drifting["drift"] > 1.0 and drifting["best_round"] == 100
+
+
+def test_load_student_reads_a_named_checkpoint_for_the_curves(tmp_path):
+    import pytest
+
+    from stepdistill.config import load_config
+    from stepdistill.contract import StepdistillError
+    from stepdistill.training.run import load_student
+    from stepdistill.training.trainer import Trainer
+
+    cfg = load_config("toy2d/dmd", ["train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.batch_size=8",
+                                    "train.sample_every=0", "student.fit_steps=5", "fake_score.fit_steps=5"])
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    first, last = load_student(tmp_path / "run", checkpoint="step_0000001"), load_student(tmp_path / "run")
+    assert (first.info["step"], last.info["step"]) == (1, 2)
+    assert any(not torch_equal(a, b) for a, b in zip(first.trainable.params, last.trainable.params))
+    with pytest.raises(StepdistillError, match="not a complete checkpoint"):
+        load_student(tmp_path / "run", checkpoint="step_0000009")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -291,10 +291,11 @@ def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float],
     return few_step_sample(student, noise, cond, times, noise_fn=lambda shape: per_sample_randn(generators, shape[1:]))
 
 
-def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None) -> ModelSampler:
+def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None,
+                    checkpoint: str | Path | None = None) -> ModelSampler:
     from ..training.run import load_student
 
-    loaded = load_student(run_dir, device, use_ema)
+    loaded = load_student(run_dir, device, use_ema, checkpoint)
     teacher, view, times, info = loaded.teacher, loaded.view, loaded.times, loaded.info
     teacher.denoiser.to(device)
 

@@ -259,15 +259,21 @@ class LoadedStudent:
         return state
 
 
-def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True) -> LoadedStudent:
-    """The student of a run folder (its config and newest complete checkpoint), ready to sample."""
-    from .checkpoint import latest_checkpoint, read_student_weights
+def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True, checkpoint: str | Path | None = None) -> LoadedStudent:
+    """The student of a run folder (its config and newest complete checkpoint, or ``checkpoint``: a
+    folder under its ``checkpoints/``, e.g. for a convergence curve), ready to sample."""
+    from .checkpoint import checkpoint_dirs, latest_checkpoint, read_student_weights
     from .rundir import training_summary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise StepdistillError(f"{run_dir} is not a run directory (no config.yaml); give the --output-dir of `stepdistill train`")
-    ckpt = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        ckpt = run_dir / "checkpoints" / Path(checkpoint).name
+        if ckpt not in checkpoint_dirs(run_dir):
+            raise StepdistillError(f"{ckpt} is not a complete checkpoint of {run_dir}")
+    else:
+        ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise StepdistillError(f"{run_dir} has no complete checkpoint under checkpoints/")
     cfg = load_config(str(run_dir / "config.yaml"))
