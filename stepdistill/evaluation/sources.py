@@ -236,12 +236,25 @@ def guided_output(denoiser, x: Tensor, t: Tensor, cond: dict, null: dict | None,
 def solver_steps(denoiser, sched, x: Tensor, cond: dict, null: dict | None, w: float, count: int | None = None) -> Tensor:
     """The first ``count`` (default: all) steps of a diffusers solver from x at its first timestep; x after them."""
     schedule = denoiser.schedule
+    kwargs = step_kwargs(sched)
     for ts in sched.timesteps[:count]:
         t = as_time(schedule.from_native(ts.float()), x)  # [B] continuous time of this native timestep
         x_in = sched.scale_model_input(x, ts) if hasattr(sched, "scale_model_input") else x  # flow: no scaling
         out = guided_output(denoiser, x_in, t, cond, null, w)
-        x = sched.step(out.to(x.dtype), ts, x).prev_sample
+        x = sched.step(out.to(x.dtype), ts, x, **kwargs).prev_sample
     return x
+
+
+def step_kwargs(sched) -> dict:
+    """``step`` arguments of a solver: DDIM with a clipped x0 (``clip_sample`` / ``thresholding``) steps with
+    the noise recomputed from the clipped x0 (``use_clipped_model_output``), as DDIM's derivation and
+    ``sampling.ddim_sample`` do. Without it the raw eps is paired with the clipped x0, and on a cosine
+    schedule (alpha(999) ~ 5e-5) that mismatch grows with the step count: digits-unet at w=2 scored FID
+    7.0 at 50 steps against 1.5 at 16 (200 samples); with it, 1.6 at 50."""
+    import inspect
+
+    clips = sched.config.get("clip_sample") or sched.config.get("thresholding")
+    return {"use_clipped_model_output": True} if clips and "use_clipped_model_output" in inspect.signature(sched.step).parameters else {}
 
 
 def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | None = None, device="cpu",
@@ -264,7 +277,7 @@ def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | No
         return finish_samples(teacher, solver_steps(denoiser, sched, x, cond, null, w))
 
     info = {"scheduler": type(sched).__name__, "timesteps": [round(float(v), 3) for v in sched.timesteps],
-            "scheduler_overrides": solver_overrides(solver, config), "teacher_folder": str(teacher.folder), "teacher": teacher.name}
+            "scheduler_overrides": solver_overrides(solver, config), "step_kwargs": step_kwargs(sched), "teacher_folder": str(teacher.folder), "teacher": teacher.name}
     return ModelSampler(model or teacher.name, "teacher", solver, steps, w, generate, [inner_model(denoiser)],
                         teacher.num_classes, teacher_prompts(teacher), info)
 
