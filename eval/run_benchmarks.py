@@ -58,7 +58,8 @@ def settings_of(proto: dict, num_samples: int | None) -> EvalSettings:
 
 def model_entries(proto: dict) -> list[dict]:
     """Teachers (with solvers and steps) and runs/exports as one list of {spec, solvers, steps}."""
-    out = [{"spec": m["teacher"], "solvers": m.get("solvers"), "steps": m.get("steps", [1, 2, 4])} for m in proto.get("models", [])]
+    out = [{"spec": m["teacher"], "solvers": m.get("solvers"), "steps": m.get("steps", [1, 2, 4]), "guidance": m.get("guidance")}
+           for m in proto.get("models", [])]  # guidance: a teacher's CFG scale (default its recommended one)
     out += [{"spec": r if isinstance(r, str) else r["path"], "solvers": None,
              "steps": ([1] if isinstance(r, str) else r.get("steps", [1])),
              "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False)),
@@ -93,11 +94,12 @@ def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, co
             missing.append(spec)
             print(f"skip {spec}: not present", flush=True)
             continue
-        out = RESULTS / f"{name}__{slug(spec)}.json"
+        w = entry.get("guidance")
+        out = RESULTS / f"{name}__{slug(spec)}{'' if w is None else f'-w{w:g}'}.json"
         records = []
         steps = [n for n in entry["steps"] if n in FAST["steps"]] or entry["steps"][:1] if fast else entry["steps"]
-        for sampler in samplers_for(spec, steps, entry["solvers"], trust_remote_code=entry.get("trust_remote_code", False),
-                                    hybrid=entry.get("hybrid")):
+        for sampler in samplers_for(spec, steps, entry["solvers"], guidance_scale=w,
+                                    trust_remote_code=entry.get("trust_remote_code", False), hybrid=entry.get("hybrid")):
             start = time.time()
             record = evaluator.evaluate(sampler, RESULTS / "grids" / f"{name}__{slug(sampler.label)}.png")
             record["sample_grid"] = str(Path(record["sample_grid"]).relative_to(RESULTS.parent))
