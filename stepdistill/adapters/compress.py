@@ -116,11 +116,11 @@ def compressed_config(config: dict, plan: str) -> Compression:
     if cuts is None:
         cuts = tuple(c for c in CUTS if _why_not(c, config) is None)
         if not cuts:
-            raise StepdistillError(f"compress plan {plan!r}: no cut fits this {name} ({'; '.join(_why_not(c, config) for c in CUTS)})")
+            raise StepdistillError(f"student.compress={plan}: no cut fits this {name} ({'; '.join(_why_not(c, config) for c in CUTS)})")
     for cut in cuts:
         why = _why_not(cut, config)
         if why:
-            raise StepdistillError(f"compress plan {plan!r} does not fit this {name}: cut {cut!r} needs it, but {why}")
+            raise StepdistillError(f"student.compress={plan} does not fit this {name}: cut {cut!r} needs it, but {why}")
     new = {k: v for k, v in config.items() if not k.startswith("_")}
     if "layers" in cuts:
         lpb = config.get("layers_per_block", 2)
