@@ -144,6 +144,7 @@ def test_compressed_unet_run_trains_loads_plans_and_exports(tmp_path):
     from stepdistill.plan import estimate
     from stepdistill.sampling import few_step_sample
     from stepdistill.training.run import load_student
+    from stepdistill.training.trainer import Trainer
 
     run = tmp_path / "run"
     assert main(["train", "digits-unet/dmd", "--output-dir", str(run), *FAST, "student.feature_weight=1"]) == 0
@@ -154,6 +155,9 @@ def test_compressed_unet_run_trains_loads_plans_and_exports(tmp_path):
     n_teacher = sum(p.numel() for p in student.teacher.denoiser.parameters())
     assert n_student <= 0.6 * n_teacher and student.view.module.model.mid_block is None
     plan = estimate(load_config(str(run / "config.yaml")))
+    resumed = Trainer(load_config(str(run / "config.yaml")), run, resume=True, progress=False)  # --resume builds the same smaller net
+    assert resumed.step == 2 and sum(p.numel() for p in resumed.trainables["student"].params) == n_student
+    resumed.release()
     assert plan["networks"][1]["params"] == n_student and plan["compressed"]["student"]["cuts"] == ["mid", "inner"]
 
     out = tmp_path / "export"

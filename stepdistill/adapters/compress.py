@@ -163,7 +163,7 @@ def compress_model(model, plan: str, log=print):
     p_t, p_s = (sum(p.numel() for p in m.parameters()) for m in (model, student))
     copied = "every tensor copied from the teacher" if not comp.fresh else \
         f"{len(comp.fresh)} tensors freshly initialised (no teacher weight of that shape): {comp.fresh[:6]}"
-    log(f"student.init=compress, plan {plan} = cuts {'+'.join(comp.cuts)} on {type(model).__name__}: "
+    log(f"init=compress, plan {plan} = cuts {'+'.join(comp.cuts)} on {type(model).__name__}: "
         f"{p_s:,} of the teacher's {p_t:,} parameters ({100 * p_s / p_t:.1f}%); {copied}")
     return student
 
