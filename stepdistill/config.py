@@ -39,7 +39,8 @@ class TeacherConfig:
 
 @dataclass
 class NetworkConfig:
-    init: str = "copy"  # copy (full copy of the teacher) | lora (adapter on the shared base) | fit (weightless teachers)
+    init: str = "copy"  # copy (full copy of the teacher) | lora (adapter on the shared base) | fit (weightless teachers) | compress (a smaller UNet of the teacher's class, from the teacher's remaining weights; docs/compress.md)
+    compress: str = "bk"  # init=compress: the block-removal plan: bk (every BK-SDM cut that fits) | bk-base | bk-small | bk-tiny | a '+'-list of the cuts layers, mid, inner (e.g. mid+inner)
     lr: float = 1e-4  # AdamW learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.01  # AdamW weight decay
@@ -55,7 +56,10 @@ class NetworkConfig:
     fit_lr: float = 2e-3  # init=fit: learning rate of the fit
 
     def __post_init__(self):
-        check_choice("init", self.init, ("copy", "lora", "fit"))
+        check_choice("init", self.init, ("copy", "lora", "fit", "compress"))
+        from .adapters.compress import plan_cuts
+
+        plan_cuts(self.compress)  # an unknown plan is a one-line error here, before anything loads
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"))
         # names without a section: _build prefixes them with the section (student., fake_score., ...)
         check_range("lr", self.lr, 0.0)
@@ -83,12 +87,16 @@ class StudentConfig(NetworkConfig):
     times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
     sigmas: list[float] = field(default_factory=list)  # instead of times: noise levels in EDM units (sigma/alpha, e.g. SiD's [2.5]), mapped onto each teacher's own schedule, so a recipe transfers between teachers; above the teacher's largest level = t 1
     ema_decay: float = 0.0  # EMA of the student weights (0 = off): the largest decay per student update (diffusers EMAModel decay); evaluation and export use the EMA
+    feature_weight: float = 0.0  # KOALA / BK-SDM feature distillation: weight of the student-phase term mean_l ||f_l^student(x_t) - f_l^teacher(x_t)||^2 on the same noised input (0 = off); with any objective and student.init
+    feature_layers: str = "attn"  # which features: attn (self-attention outputs of the aligned kept blocks) | blocks (same-shaped down/mid/up block outputs) | out (the x0 output only: the output-distillation baseline)
     ema_rampup: float = 0.05  # SiD's EMA ramp: half-life = min(H, ema_rampup x images seen), H the half-life of ema_decay (EMAModel use_ema_warmup, power 1, inv_gamma ln2/ema_rampup); 0 = EMAModel's (1+n)/(10+n) warm-up
 
     def __post_init__(self):
         super().__post_init__()
         check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         check_range("ema_rampup", self.ema_rampup, 0.0, 1.0)
+        check_range("feature_weight", self.feature_weight, 0.0)
+        check_choice("feature_layers", self.feature_layers, ("attn", "blocks", "out"))
         if not self.times:
             raise StepdistillError("times must list at least one generation time, e.g. [1.0]")
         for t in self.times:

@@ -8,6 +8,7 @@ pass keeps. The estimate per device is
     teacher weights            P_teacher x bytes(teacher.dtype)        (frozen, shared by LoRA views)
     each full trained network  16 bytes/param: fp32 master weights 4 + grads 4 + AdamW 8
     each LoRA trained network  16 bytes per adapter param (the base is the teacher's)
+    init=compress network      16 bytes/param of the smaller network (its own, smaller activations too)
     student EMA                4 bytes/param of the student's trained params
     activations                per phase: sum of leaf outputs of every network whose graph the
                                phase keeps, x batch x bytes(compute dtype); with gradient
@@ -145,6 +146,18 @@ def activation_elements(model: nn.Module, shape: tuple[int, ...], config: dict, 
     return sum(block_out.values()) + outside + max(inner.values(), default=0)
 
 
+def _meta_compressed(config: dict, plan: str) -> tuple[nn.Module, dict]:
+    """The init=compress student on meta (``adapters/compress.py``): the smaller network and its config."""
+    from .adapters.compress import compressed_config
+
+    comp = compressed_config(config, plan)
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"]).from_config(comp.config)
+    return model, dict(comp.config, _class_name=config["_class_name"]), comp.cuts
+
+
 def lora_params(model: nn.Module, rank: int, targets: list[str] | None) -> int:
     """Adapter parameters peft would add: r (in + out) per Linear, r (in k^2 + out) per Conv2d."""
     from .training.networks import default_lora_targets
@@ -186,23 +199,33 @@ def estimate(cfg: RunConfig, batch_size: int | None = None, precision: str | Non
     act = activation_elements(model, shape, config, checkpointing) * DTYPE_BYTES[precision]
     objective = cfg.objective
     nets = [NetEstimate("teacher", p_teacher, 0, p_teacher * DTYPE_BYTES[cfg.teacher.dtype], act)]
+    compressed: dict[str, dict] = {}
     for name, ncfg in (("student", cfg.student), ("fake_score", cfg.fake_score)):
         if name not in objective.trains:
             continue
+        params, net_act = p_teacher, act
         if ncfg.init == "lora":
             trained = lora_params(model, ncfg.lora_rank, ncfg.lora_targets or None)
             static = 16 * trained
+        elif ncfg.init == "compress":  # a smaller network of its own: its params, its activations
+            small, small_cfg, cuts = _meta_compressed(config, ncfg.compress)
+            params = trained = sum(p.numel() for p in small.parameters())
+            compressed[name] = {"plan": ncfg.compress, "cuts": list(cuts), "params": params, "teacher_params": p_teacher}
+            net_act = activation_elements(small, shape, small_cfg, checkpointing) * DTYPE_BYTES[precision]
+            static = 4 * trained + 12 * trained // max(1, shards)
         else:
             trained = p_teacher
             static = 4 * trained + 12 * trained // max(1, shards)
         if name == "student" and cfg.student.ema_decay > 0:
             static += 4 * trained
-        nets.append(NetEstimate(name, p_teacher, trained, static, act))
+        nets.append(NetEstimate(name, params, trained, static, net_act))
     static_total = sum(n.static_bytes for n in nets)
     per = {n.name: n for n in nets}
     phases = {}
     for phase, graph in _phase_graphs(objective).items():
         phases[phase] = sum(per[n].act_bytes_per_sample for n in graph if n in per) * batch
+        if cfg.student.feature_weight > 0 and "student" in objective.phase_updates(phase) and "student" in per:
+            phases[phase] += per["student"].act_bytes_per_sample * batch  # the feature term's own student forward
     peak = static_total + max(phases.values(), default=0)
     return {
         "teacher": cfg.teacher.name, "teacher_class": type(model).__name__, "sample_shape": list(shape),
@@ -211,7 +234,7 @@ def estimate(cfg: RunConfig, batch_size: int | None = None, precision: str | Non
         "networks": [{"name": n.name, "params": n.params, "trained_params": n.trained, "static_gib": n.static_bytes / GIB,
                       "activations_gib_per_sample": n.act_bytes_per_sample / GIB} for n in nets],
         "phases_activation_gib": {k: v / GIB for k, v in phases.items()},
-        "static_gib": static_total / GIB, "peak_gib": peak / GIB,
+        "static_gib": static_total / GIB, "peak_gib": peak / GIB, "compressed": compressed,
     }
 
 
@@ -224,6 +247,9 @@ def format_plan(plan: dict, device_gib: float | None = None) -> str:
     for n in plan["networks"]:
         lines.append(f"{n['name']:<12} {n['params'] / 1e6:>11.1f}M {n['trained_params'] / 1e6:>11.2f}M "
                      f"{n['static_gib']:>16.2f} GiB {n['activations_gib_per_sample']:>15.3f} GiB")
+    for name, c in plan.get("compressed", {}).items():
+        lines.append(f"{name}: init=compress, plan {c['plan']} (cuts {'+'.join(c['cuts'])}): {c['params']:,} of the teacher's "
+                     f"{c['teacher_params']:,} parameters ({100 * c['params'] / c['teacher_params']:.1f}%)")
     lines.append("")
     for phase, gib in plan["phases_activation_gib"].items():
         lines.append(f"phase {phase:<12} activations {gib:8.2f} GiB")

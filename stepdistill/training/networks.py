@@ -152,6 +152,22 @@ def full_copy(module: nn.Module) -> nn.Module:
     return clone.eval()
 
 
+def compressed_copy(denoiser: nn.Module, plan: str, log=print) -> nn.Module:
+    """A trainable fp32 student with fewer blocks than the teacher's diffusers UNet, from its remaining
+    weights (``adapters/compress.py``), behind the same contract adapter; in eval mode like ``full_copy``."""
+    from ..adapters.compress import compress_model
+    from ..adapters.denoiser import DiffusersDenoiser
+
+    model = getattr(denoiser, "model", None)
+    if not isinstance(denoiser, DiffusersDenoiser) or not hasattr(model, "config"):
+        raise StepdistillError(f"student.init=compress (plan {plan!r}) needs a diffusers UNet teacher; "
+                               f"this one is a {type(model or denoiser).__name__}")
+    student = DiffusersDenoiser(compress_model(model, plan, log), denoiser.schedule, denoiser.prediction_type,
+                                denoiser.record)
+    student.requires_grad_(True)
+    return student.eval()
+
+
 def fit_to_teacher(
     net: nn.Module,
     teacher: Callable,

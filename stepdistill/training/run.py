@@ -19,7 +19,7 @@ from ..config import NetworkConfig, RunConfig, load_config
 from ..contract import StepdistillError
 from ..objectives.base import Nets
 from ..teachers import Teacher, load_teacher
-from .networks import MLPDenoiser, Net, add_lora, fit_to_teacher, full_copy, inner_model
+from .networks import MLPDenoiser, Net, add_lora, compressed_copy, fit_to_teacher, full_copy, inner_model
 
 
 @dataclass
@@ -142,8 +142,8 @@ def _fit_network(teacher: Teacher, cfg: NetworkConfig, seed: int, log, fit: bool
 
 def _check_init(teacher: Teacher, name: str, cfg: NetworkConfig) -> None:
     is_analytic = teacher.sample_data is not None
-    if cfg.init not in ("copy", "lora", "fit"):
-        raise StepdistillError(f"{name}.init must be copy, lora or fit, got {cfg.init!r}")
+    if cfg.init not in ("copy", "lora", "fit", "compress"):
+        raise StepdistillError(f"{name}.init must be copy, lora, fit or compress, got {cfg.init!r}")
     if is_analytic and cfg.init != "fit":
         raise StepdistillError(f"{name}.init={cfg.init}: the analytic teacher has no weights to copy; use {name}.init=fit")
     if not is_analytic and cfg.init == "fit":
@@ -178,7 +178,8 @@ def build_networks(teacher: Teacher, student_cfg, fake_cfg: NetworkConfig | None
             continue
         if cfg.init == "fit":
             fitted = fitted or _fit_network(teacher, cfg, seed, log, fit)
-        module = full_copy(fitted if cfg.init == "fit" else base)
+        module = compressed_copy(base, cfg.compress, log) if cfg.init == "compress" else \
+            full_copy(fitted if cfg.init == "fit" else base)
         trainables[name] = Trainable(name, module, list(module.parameters()), cfg)
     base.requires_grad_(False)  # the teacher's own weights never train
     for tr in trainables.values():

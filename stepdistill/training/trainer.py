@@ -19,6 +19,7 @@ import torch
 
 from ..config import RunConfig, save_config, to_dict
 from ..contract import StepdistillError
+from ..objectives.feature_distill import with_feature_term
 from ..sampling import few_step_sample
 from .checkpoint import latest_checkpoint, load_newest, save_checkpoint
 from .data import BatchSampler, load_real
@@ -52,7 +53,7 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         check_run_dir(self.run_dir, cfg, resume)
         set_seed(tc.seed)  # network initialisation (e.g. the MLP denoisers) is seeded too
-        self.objective = cfg.objective
+        self.objective = with_feature_term(cfg.objective, cfg.student.feature_weight, cfg.student.feature_layers)
         run = build_run(cfg, self.accelerator.device, self.log, fit=not resume)
         if resume:
             check_resume_config(self.run_dir, cfg)
@@ -216,7 +217,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         return self.reporter.sample_grid(self.generate(self.cfg.train.num_sample_images), self.teacher, self.step,
-                                         f"{type(self.objective).__name__} student, round {self.step}", track)
+                                         f"{type(self.cfg.objective).__name__} student, round {self.step}", track)
 
     def save(self) -> Path:
         state = {"step": self.step, "updates": dict(self.updates), "nonfinite_total": dict(self.guard.total),
