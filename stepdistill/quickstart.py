@@ -117,18 +117,20 @@ def quickstart(out: Path, fast: bool = False, progress: bool = True) -> dict:
     _stage(f"4/5 evaluating teacher (50 and 1 DPM-Solver++ steps) and student (1 step) on {plan['eval_samples']} samples")
     settings = EvalSettings(num_samples=plan["eval_samples"], batch_size=100, cost_batch_size=32, cost_repeats=3)
     start = time.time()
-    teacher_rows = evaluate_models([TEACHER], out / "eval" / "teacher", settings, [50, 1], solvers=["dpm++"], log=_stage)
+    w = float(cfg.objective.guidance_scale)  # the teacher at the guidance its student was distilled toward (its best FID here)
+    teacher_rows = evaluate_models([TEACHER], out / "eval" / "teacher", settings, [50, 1], solvers=["dpm++"], guidance_scale=w,
+                                   log=_stage)
     student_rows = evaluate_models([str(out / "pipeline")], out / "eval" / "student", settings, [1], trust_remote_code=True,
                                    log=_stage)
     times["eval_s"] = round(time.time() - start, 1)
 
     _stage("5/5 writing the report")
-    rows = {"teacher, DPM-Solver++ 50 steps": teacher_rows[0], "teacher, DPM-Solver++ 1 step": teacher_rows[1],
+    rows = {f"teacher, DPM-Solver++ 50 steps, w={w:g}": teacher_rows[0], f"teacher, DPM-Solver++ 1 step, w={w:g}": teacher_rows[1],
             STUDENT: student_rows[0]}
     summary = {"teacher": TEACHER, "recipe": RECIPE, "fast": fast, "rounds": cfg.train.steps, "batch_size": cfg.train.batch_size,
                "seconds": times, "eval_samples": plan["eval_samples"], "reload_parity_max_abs": parity,
                "reload": reload["stdout"], "results": {k: _row(v) for k, v in rows.items()},
-               "speedup_vs_teacher_50": _speedup(rows["teacher, DPM-Solver++ 50 steps"], rows[STUDENT]),
+               "guidance_scale": w, "speedup_vs_teacher_50": _speedup(teacher_rows[0], rows[STUDENT]),
                "paths": {"run": str(out / "run"), "pipeline": str(out / "pipeline"), "eval": str(out / "eval"),
                          "report": str(out / "report.md")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -154,7 +156,8 @@ def _fmt(v, spec: str = ".3f") -> str:
 def _report(s: dict, rows: dict, out: Path) -> str:
     lines = ["# stepdistill quickstart", "",
              f"A one-step {OBJECTIVE} student of the embedded `{s['teacher']}` teacher (recipe `{s['recipe']}`, {s['rounds']} rounds of "
-             f"batch {s['batch_size']}{', --fast' if s['fast'] else ''}), exported to a diffusers pipeline, reloaded with "
+             f"batch {s['batch_size']}{', --fast' if s['fast'] else ''}; distilled toward the teacher at guidance w={s['guidance_scale']:g}, "
+             "the teacher's rows use the same w), exported to a diffusers pipeline, reloaded with "
              "`DiffusionPipeline.from_pretrained` in a fresh process (max abs difference to the trained student: "
              f"{s['reload_parity_max_abs']:.2g}) and evaluated against its teacher on one protocol: {s['eval_samples']} samples "
              "(seeds 0..N-1, balanced labels), FID and precision/recall in the digits classifier's features against all 1797 "

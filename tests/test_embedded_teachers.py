@@ -149,7 +149,6 @@ def test_a_digits_unet_recipe_runs_on_digits_vunet_with_the_teacher_name_changed
 
     cfg = load_config("digits-unet/sid", ["teacher.name=digits-vunet", "train.batch_size=4", "train.steps=1",
                                           "train.sample_every=0", "train.num_sample_images=4"])
-    assert cfg.objective.guidance_scale != 1  # the recipe guides; the teacher cannot
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     assert (cfg.objective.guidance_scale, cfg.objective.fake_guidance_scale, cfg.objective.fake_train_guidance_scale) == (1, 1, 1)
     assert round(tr.nets.student_times[0] * 999) == 625  # EDM sigma 2.5 on SD's scaled-linear betas (755 on digits-unet)
