@@ -63,7 +63,8 @@ def model_entries(proto: dict) -> list[dict]:
     out += [{"spec": r if isinstance(r, str) else r["path"], "solvers": None,
              "steps": ([1] if isinstance(r, str) else r.get("steps", [1])),
              "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False)),
-             "hybrid": None if isinstance(r, str) or not r.get("hybrid") else tuple(int(v) for v in r["hybrid"])}
+             "hybrid": None if isinstance(r, str) or not r.get("hybrid") else tuple(int(v) for v in r["hybrid"]),
+             "guidance": None if isinstance(r, str) else r.get("guidance")}  # the hybrid's teacher steps at this CFG
             for r in proto.get("runs") or []]
     return out
 
