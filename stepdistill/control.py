@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .contract import StepdistillError
+from .validation import check_range
 
 KINDS = ("remap",)
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -75,7 +76,18 @@ def load_sd_pipeline(name_or_folder: str | Path, device: str = "cpu"):
     if not (folder / "model_index.json").is_file():
         raise StepdistillError(f"{folder} has no model_index.json: control LoRAs need a diffusers pipeline folder "
                                "(an SD-style teacher such as digits-sd, or its exported student)")
-    pipe = load_pipeline(folder, device)
+    from transformers.utils import logging as tlog
+
+    from .adapters.families.text import quiet_diffusers
+
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        with quiet_diffusers():
+            pipe = load_pipeline(folder, device)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
     if not isinstance(pipe, StableDiffusionPipeline):
         raise StepdistillError(f"{folder} is a {type(pipe).__name__}: control LoRAs need a StableDiffusionPipeline "
                                "(a text-to-image UNet2DConditionModel teacher such as digits-sd, or its exported student)")
@@ -181,9 +193,13 @@ def train_control_lora(teacher: str | Path, output_dir: str | Path, kind: str = 
     """
     if kind not in KINDS:
         raise StepdistillError(f"unknown control kind {kind!r}; available: {', '.join(KINDS)}")
+    for name, value in (("steps", steps), ("rank", rank), ("batch_size", batch_size)):
+        check_range(name, value, 1)
+    check_range("lr", lr, 0, 1)
+    check_range("remap_fraction", remap_fraction, 0, 1)
+    if lr == 0 or remap_fraction == 0:
+        raise StepdistillError(f"{'lr' if lr == 0 else 'remap_fraction'} must be > 0")
     remap, out = parse_remap(remap), _empty_output(output_dir)
-    if not 0 < remap_fraction <= 1:
-        raise StepdistillError(f"remap_fraction = {remap_fraction} is out of range (0, 1]")
     pipe = load_sd_pipeline(teacher, device)
     _digits_pipeline(pipe)
     data = digits_latents(pipe, device)
@@ -320,7 +336,10 @@ def load_control_lora(pipe, lora: str | Path, adapter_name: str = ADAPTER):
 
     expected = check_lora_fits(pipe, lora)
     path = lora_file(lora)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    from .adapters.families.text import quiet_diffusers
+
+    with quiet_diffusers():  # diffusers' notes on text-encoder keys the file does not have
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
     loaded = sum(1 for m in pipe.unet.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
     if loaded != expected:
         pipe.unload_lora_weights()
@@ -390,7 +409,7 @@ def remap_fractions(pipe, remap: dict[int, int], num_samples: int, steps: int, g
         pred = classify_samples(pipe, a, num_samples, steps, guidance_scale, seed, lora_scale=lora_scale)
         out[f"{a}:{b}"] = {"target_fraction": (pred == b).float().mean().item(),
                            "source_fraction": (pred == a).float().mean().item(),
-                           "counts": torch.bincount(pred, minlength=10).tolist()}
+                           "counts": {str(d): int(n) for d, n in enumerate(torch.bincount(pred, minlength=10)) if n}}
     return out
 
 
@@ -407,9 +426,11 @@ def measure_control(pipeline: str | Path, lora: str | Path, remap: dict[int, int
         pipe: an already loaded pipeline for ``pipeline`` (without adapters), to skip loading it again.
 
     Returns:
-        {"without": {...}, "with": {...}} per ``"a:b"``: target_fraction, source_fraction, counts [10];
+        {"without": {...}, "with": {...}} per ``"a:b"``: target_fraction, source_fraction, counts {digit: samples};
         plus the protocol (steps, guidance, samples, seed, lora_scale).
     """
+    check_range("num_samples", num_samples, 1)
+    check_range("lora_scale", lora_scale)
     remap = parse_remap(remap) if remap is not None else lora_remap(lora)
     if remap is None:
         raise StepdistillError(f"{lora} does not say which digits it remaps (no {META_FILE}): pass --remap SOURCE:TARGET")
