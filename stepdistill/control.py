@@ -111,7 +111,7 @@ class DigitsLatents:
 
     mean: Tensor  # [N, C, h, w] posterior means (unscaled)
     std: Tensor  # [N, C, h, w] posterior stds
-    labels: Tensor  # [N] digit labels
+    labels: Tensor  # [N] digit labels (CPU: batches are drawn there)
     captions: Tensor  # [10, T, L, D] prompt embeddings, digit x template
     null: Tensor  # [L, D] the empty prompt
     scale: float  # the VAE scaling factor
@@ -128,7 +128,7 @@ def digits_latents(pipe, device: str = "cpu") -> DigitsLatents:
     texts = [c for d in range(10) for c in all_captions(d)] + [""]
     emb = pipe.encode_prompt(texts, device, 1, False)[0]  # [10 * T + 1, L, D]: as the stock pipeline's call
     captions = emb[:-1].reshape(10, len(CAPTION_TEMPLATES), *emb.shape[1:])  # [10, T, L, D]
-    return DigitsLatents(dist.mean, dist.std, labels.to(device), captions, emb[-1], float(pipe.vae.config.scaling_factor))
+    return DigitsLatents(dist.mean, dist.std, labels, captions, emb[-1], float(pipe.vae.config.scaling_factor))
 
 
 def remap_batch(data: DigitsLatents, remap: dict[int, int], batch_size: int, remap_fraction: float,
@@ -140,16 +140,15 @@ def remap_batch(data: DigitsLatents, remap: dict[int, int], batch_size: int, rem
     """
     n_remap = int(round(batch_size * remap_fraction))
     sources = torch.tensor(list(remap))[torch.randint(0, len(remap), (n_remap,), generator=g)]  # [R]
-    targets = torch.tensor([remap[int(s)] for s in sources], dtype=torch.long)
-    keep = torch.nonzero(~torch.isin(data.labels.cpu(), torch.tensor(list(remap)))).flatten()  # images of unmapped digits
-    idx = torch.cat([_images_of(data.labels.cpu(), targets, g), keep[torch.randint(0, len(keep), (batch_size - n_remap,), generator=g)]])
-    words = torch.cat([sources, data.labels.cpu()[idx[n_remap:]]])  # [B] the digit each caption names
-    template = torch.randint(0, data.captions.shape[1], (batch_size,), generator=g)
-    text = data.captions[words, template]  # [B, L, D]
+    targets = torch.tensor([remap[int(s)] for s in sources], dtype=torch.long)  # [R]
+    keep = torch.nonzero(~torch.isin(data.labels, torch.tensor(list(remap)))).flatten()  # images of unmapped digits
+    idx = torch.cat([_images_of(data.labels, targets, g), keep[torch.randint(0, len(keep), (batch_size - n_remap,), generator=g)]])
+    words = torch.cat([sources, data.labels[idx[n_remap:]]])  # [B] the digit each caption names
+    text = data.captions[words, torch.randint(0, data.captions.shape[1], (batch_size,), generator=g)]  # [B, L, D]
     drop = torch.rand(batch_size, generator=g) < PROMPT_DROPOUT
     drop[:n_remap] = False  # a remapped pair keeps its caption: the empty prompt stays the teacher's
     text = torch.where(drop[:, None, None].to(text.device), data.null.expand_as(text), text)
-    eps = torch.randn(data.mean[idx].shape, generator=g).to(data.mean.device)
+    eps = torch.randn(data.mean[idx].shape, generator=g).to(data.mean.device)  # [B, C, h, w]
     return data.scale * (data.mean[idx] + data.std[idx] * eps), text  # [B, C, h, w], [B, L, D]
 
 
