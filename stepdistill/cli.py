@@ -22,6 +22,9 @@ EXAMPLES = {
     "export": "stepdistill export runs/digits runs/digits-export --steps 1",
     "plan": "stepdistill plan digits-unet/dmd student.init=lora fake_score.init=lora --batch-size 64 --device 24GB",
     "eval": "stepdistill eval digits-unet runs/a --steps 1 2 4 --num-samples 1000 --reference digits --out eval_out/a",
+    "control": "stepdistill control train digits-sd --remap 3:8 --output runs/remap-3-8",
+    "control train": "stepdistill control train digits-sd --remap 3:8 --output runs/remap-3-8 --steps 300",
+    "control measure": "stepdistill control measure runs/digits-sd-export --lora runs/remap-3-8 --num-samples 64",
 }
 
 
@@ -103,6 +106,80 @@ def _cmd_export(args) -> int:
         summary["hub_commit"] = push_to_hub(args.out_dir, args.push_to_hub, token)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _cmd_control_train(args) -> int:
+    from .control import train_control_lora
+
+    meta = train_control_lora(args.teacher, args.output, kind=args.kind, remap=args.remap, steps=args.steps, rank=args.rank,
+                              lr=args.lr, batch_size=args.batch_size, remap_fraction=args.remap_fraction, seed=args.seed,
+                              device=args.device, log_every=0 if args.no_progress else 50)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _cmd_control_measure(args) -> int:
+    from .control import measure_control
+
+    result = measure_control(args.pipeline, args.lora, args.remap, args.steps, args.num_samples, args.guidance_scale,
+                             args.seed, args.lora_scale, args.device)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _remap_arg(text: str) -> dict[int, int]:
+    """argparse type: SOURCE:TARGET digit pairs (3:8 or 3:8,1:7)."""
+    from .control import parse_remap
+
+    try:
+        return parse_remap(text)
+    except StepdistillError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--remap ")) from None
+
+
+def _add_control(add) -> None:
+    """``stepdistill control train|measure``: control LoRAs that carry from a teacher to its student."""
+    from .validation import device_name, finite_float, seed_int
+
+    control = add("control", "train a control LoRA (digit remapping) on an SD-style teacher and measure it on the teacher "
+                  "and on exported students (load_lora_weights)", None)
+    sub = control.add_subparsers(dest="control_command", metavar="ACTION", required=True)
+
+    def action(name, help_text, fn):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog="example: " + EXAMPLES[f"control {name}"],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        p.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
+        p.add_argument("--seed", type=seed_int, default=0, help="seed (default 0)")
+        return p
+
+    p = action("train", "train a LoRA on a teacher's UNet with its own denoising loss on remapped digits "
+               "(the source digit's captions show the target digit); writes pytorch_lora_weights.safetensors", _cmd_control_train)
+    p.add_argument("teacher", help="SD-style teacher: an embedded name (digits-sd), a folder, or an exported student folder")
+    p.add_argument("--output", required=True, help="LoRA folder to write (new or empty)")
+    p.add_argument("--kind", default="remap", choices=["remap"], help="the control (default remap)")
+    p.add_argument("--remap", type=_remap_arg, default="3:8", help="SOURCE:TARGET digit pairs, e.g. 3:8 or 3:8,1:7 (default 3:8)")
+    p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (alpha = rank; default 4)")
+    p.add_argument("--lr", type=finite_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default 16)")
+    p.add_argument("--remap-fraction", type=finite_float, default=0.5, help="share of each batch that is remapped (default 0.5)")
+    p.add_argument("--no-progress", action="store_true", help="no loss lines")
+    p = action("measure", "sample a pipeline (teacher or exported student) for the remapped prompts without and with the "
+               "LoRA, same seeds; prints the fraction classified as the target and the source digit", _cmd_control_measure)
+    p.add_argument("pipeline", help="teacher name or folder (DDIM, its recommended CFG) or exported student folder")
+    p.add_argument("--lora", required=True, help="LoRA folder (control train --output) or its .safetensors file")
+    p.add_argument("--remap", type=_remap_arg, help="SOURCE:TARGET pairs (default: the ones the LoRA was trained for)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: an export's own, 20 for a teacher)")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per source digit (default 64)")
+    p.add_argument("--guidance-scale", type=finite_float, help="CFG scale for teachers (default: the teacher's recommended)")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1)")
+    p.add_argument("--out", help="also write the result JSON here")
 
 
 def _quiet_libraries() -> None:
@@ -188,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_arguments(add("inspect", "the x0 prediction after every step of a teacher and its student, side by side, "
                               "for fixed seeds and conditions: a PNG grid and per-step diversity / distance numbers (JSON)",
                               run_inspect))
+    _add_control(add)
     return parser
 
 
