@@ -10,7 +10,6 @@ exports a stock pipeline whose network is the smaller one and replays the toolki
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
