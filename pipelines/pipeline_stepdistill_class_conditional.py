@@ -94,6 +94,9 @@ class StepdistillClassConditionalPipeline(DiffusionPipeline):
         solver = FlowMatchEulerDiscreteScheduler.from_config(config) if flow else \
             DDIMScheduler.from_config(config, timestep_spacing="trailing")
         solver.set_timesteps(teacher_schedule, device=x.device)
+        # a clipped x0 steps with the noise recomputed from it, as stepdistill's own DDIM (evaluation.sources.step_kwargs)
+        clips = not flow and (solver.config.get("clip_sample") or solver.config.get("thresholding"))
+        clipped = {"use_clipped_model_output": True} if clips else {}
         x = x * getattr(solver, "init_noise_sigma", 1.0)
         for ts in solver.timesteps[:teacher_steps]:
             t = ts.to(x.device).expand(len(x))
@@ -104,7 +107,7 @@ class StepdistillClassConditionalPipeline(DiffusionPipeline):
                 out = out_u + guidance_scale * (out_c - out_u)
             else:
                 out = teacher(x, t, class_labels=labels).sample[:, : x.shape[1]]
-            x = solver.step(out.to(x.dtype), ts, x).prev_sample
+            x = solver.step(out.to(x.dtype), ts, x, **clipped).prev_sample
         if flow:
             return x, float(solver.sigmas[teacher_steps])
         prev = int(solver.timesteps[teacher_steps - 1]) - solver.config.num_train_timesteps // solver.num_inference_steps

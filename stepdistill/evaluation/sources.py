@@ -254,7 +254,8 @@ def step_kwargs(sched) -> dict:
     import inspect
 
     clips = sched.config.get("clip_sample") or sched.config.get("thresholding")
-    return {"use_clipped_model_output": True} if clips and "use_clipped_model_output" in inspect.signature(sched.step).parameters else {}
+    takes = "use_clipped_model_output" in inspect.signature(type(sched).step).parameters  # the class's: inspect wraps the instance's
+    return {"use_clipped_model_output": True} if clips and takes else {}
 
 
 def teacher_sampler(teacher, solver: str, steps: int, guidance_scale: float | None = None, device="cpu",
