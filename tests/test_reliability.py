@@ -241,3 +241,20 @@ def test_resume_refuses_a_changed_train_section_and_fewer_steps(tmp_path):
         Trainer(toy("train.steps=1", "train.checkpoint_every=0"), tmp_path / "r", resume=True, progress=False)
     grown = Trainer(toy("train.steps=3", "train.checkpoint_every=0"), tmp_path / "r", resume=True, progress=False)
     assert grown.step == 2 and grown.run()["steps"] == 3
+
+
+def test_resume_accepts_a_run_written_before_newer_keys_existed(tmp_path):
+    """A key added by a later stepdistill is absent from an older run's config.yaml: at its default it
+    changes nothing, so the resume goes on; set to anything else it is a difference as before."""
+    import yaml
+
+    Trainer(toy("train.steps=1", "train.checkpoint_every=0"), tmp_path / "r", progress=False).run()
+    path = tmp_path / "r" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["student"]["feature_weight"], saved["student"]["compress"]  # as written before those keys existed
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(StepdistillError, match=r"^resume with the run's own config: student.feature_weight differ"):
+        Trainer(toy("train.steps=2", "train.checkpoint_every=0", "student.feature_weight=1"), tmp_path / "r", resume=True,
+                progress=False)
+    grown = Trainer(toy("train.steps=2", "train.checkpoint_every=0"), tmp_path / "r", resume=True, progress=False)
+    assert grown.step == 1 and grown.run()["steps"] == 2

@@ -79,14 +79,24 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
         saved = None
     if not isinstance(saved, dict):
         raise StepdistillError(f"{run_dir}/config.yaml is unreadable; it is not the config this run was written with")
-    now, old = flat(to_dict(cfg)), flat(saved)
-    diff = [k for k in sorted(set(now) | set(old)) if k != "train.steps" and now.get(k, _MISSING) != old.get(k, _MISSING)]
+    now, old, default = flat(to_dict(cfg)), flat(saved), _defaults(cfg)
+    # a key the saved config lacks was added by a later stepdistill; at its default it keeps the old behaviour
+    diff = [k for k in sorted(set(now) | set(old)) if k != "train.steps" and now.get(k, _MISSING) != old.get(k, _MISSING)
+            and not (k not in old and now[k] == default.get(k, _MISSING))]
     if diff:
         raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''} "
                                f"differ from {run_dir}/config.yaml (only train.steps may grow)")
     if isinstance(old.get("train.steps"), int) and cfg.train.steps < old["train.steps"]:
         raise StepdistillError(f"train.steps={cfg.train.steps} is below the run's {old['train.steps']}; "
                                "on resume train.steps may only grow")
+
+
+def _defaults(cfg: RunConfig) -> dict:
+    """The flat default config for this run's objective (``{}`` if its settings have no defaults)."""
+    try:
+        return flat(to_dict(RunConfig(objective=type(cfg.objective)())))
+    except TypeError:
+        return {}
 
 
 def training_summary(run_dir: str | Path) -> dict | None:
