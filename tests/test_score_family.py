@@ -224,6 +224,19 @@ def test_dmd2_gan_needs_real_data_and_a_head():
     dm_only = DMD2().loss("student", Nets(teacher=teacher, student=student, fake_score=mlp), batch, torch.Generator().manual_seed(0))
     (gdm,) = torch.autograd.grad(dm_only.loss, x)
     assert out.logs["gan_g_loss"] > 0 and not torch.allclose(gx, gdm), "the GAN G term must reach the student sample"
+    # the logged norms are those of each term's gradient at x; the cap scales the GAN part alone
+    norm = lambda g: g.reshape(len(g), -1).norm(dim=1).mean().item()  # noqa: E731
+    assert abs(norm(gx - gdm) - out.logs["gan_grad_norm"]) < 1e-6 * max(1.0, norm(gx - gdm))
+    assert abs(norm(gdm) - out.logs["dm_x_grad_norm"]) < 1e-4 * norm(gdm)
+    assert out.logs["gan_share"] == pytest.approx(norm(gx - gdm) / norm(gdm), rel=1e-3)
+    nets_g = Nets(teacher=teacher, student=student, fake_score=mlp, extra={"gan_head": head})
+    strong = DMD2(gan_weight=30.0).loss("student", nets_g, batch, torch.Generator().manual_seed(0))  # a share near 0.1-1
+    (gs,) = torch.autograd.grad(strong.loss, x)
+    capped_obj = DMD2(gan_weight=30.0, gan_max_share=strong.logs["gan_share"] / 2)
+    capped = capped_obj.loss("student", nets_g, batch, torch.Generator().manual_seed(0))
+    (gc,) = torch.autograd.grad(capped.loss, x)
+    assert torch.allclose(gc - gdm, (gs - gdm) / 2, rtol=1e-3, atol=1e-6 * norm(gs - gdm)), "capped to half: the GAN part halves"
+    assert capped.logs["gan_share"] == pytest.approx(strong.logs["gan_share"]), "the log keeps the uncapped share"
 
 
 def test_drop_to_null_handles_nested_conditions():

@@ -11,6 +11,9 @@ from ..contract import StepdistillError
 from .checkpoint import latest_checkpoint
 
 _MISSING = object()
+# bookkeeping that never touches the weights: a resume may change it (train.steps may only grow)
+RESUME_FREE = ("train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.num_sample_images")
 
 
 class RunFolderLock:
@@ -68,7 +71,8 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
 
 def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     """A resume runs the run's own config (after teacher-derived settings, e.g. CFG off on a teacher
-    without a null class, are applied): only ``train.steps`` may differ, and only upwards."""
+    without a null class, are applied): only ``train.steps`` may differ, and only upwards, and the
+    bookkeeping in ``RESUME_FREE`` (log, sample-grid and checkpoint intervals)."""
     if not (run_dir / "config.yaml").is_file():
         return
     import yaml
@@ -81,11 +85,12 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
         raise StepdistillError(f"{run_dir}/config.yaml is unreadable; it is not the config this run was written with")
     now, old, default = flat(to_dict(cfg)), flat(saved), _defaults(cfg)
     # a key the saved config lacks was added by a later stepdistill; at its default it keeps the old behaviour
-    diff = [k for k in sorted(set(now) | set(old)) if k != "train.steps" and now.get(k, _MISSING) != old.get(k, _MISSING)
+    diff = [k for k in sorted(set(now) | set(old)) if k not in RESUME_FREE and now.get(k, _MISSING) != old.get(k, _MISSING)
             and not (k not in old and now[k] == default.get(k, _MISSING))]
     if diff:
         raise StepdistillError(f"resume with the run's own config: {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''} "
-                               f"differ from {run_dir}/config.yaml (only train.steps may grow)")
+                               f"differ from {run_dir}/config.yaml (only train.steps may grow, and logging, sample and "
+                               "checkpoint intervals change)")
     if isinstance(old.get("train.steps"), int) and cfg.train.steps < old["train.steps"]:
         raise StepdistillError(f"train.steps={cfg.train.steps} is below the run's {old['train.steps']}; "
                                "on resume train.steps may only grow")

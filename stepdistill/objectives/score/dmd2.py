@@ -14,6 +14,8 @@ NeurIPS 2024, arXiv:2405.14867. DMD (``dmd.py``) minus the regression loss, plus
       fake_score phase  -> updates fake_score AND gan_head:  L_F = DSM (DMD Eq. 6) + gan_d_weight * L_D
                            (L_D also trains the fake score's encoder: the head shares it)
       student phase     -> updates student:  L_G = L_DM (dmd.py, Eq. 7-8) + gan_weight * L_G
+  The GAN term reaches the student as its gradient at the student output (``gan_term``): logged
+  against the DM term's (``gan_share``) and, with ``gan_max_share``, capped to a share of it.
   The head (``extra_networks`` -> "gan_head") is LADD's per-layer head (``ladd.Discriminator``:
   conv or token MLP with FiLM on t_gan, one logit per position) rather than DMD2's exact
   4x4-conv stack; the official head reads one 8x8 mid-block map the same way. Real samples are
@@ -74,6 +76,7 @@ class DMD2(DMD):
     gan_t_min: float = 0.0  # diffusion-GAN re-noise times t_gan ~ U[gan_t_min, gan_t_max] (DMD2: U{0..999})
     gan_t_max: float = 1.0
     head_hidden: int = 64  # channels of the GAN head
+    gan_max_share: float = 0.0  # cap the GAN gradient at the student output to this share of the DM gradient's norm (0 = no cap; logged as gan_share either way)
     feature_layers: list[str] = field(default_factory=list)  # fake-score layers the head reads; empty = default (UNet: mid_block)
     cfg_split: bool = False  # Decoupled DMD: separate DM and CFG-augmentation terms (needs guidance_scale != 1)
     ca_weight: float = 1.0  # weight of the CFG-augmentation term
@@ -81,7 +84,8 @@ class DMD2(DMD):
     ca_t_max: float = 0.98
 
     ranges = DMD.ranges | {"gan_weight": (0.0, None), "gan_d_weight": (0.0, None), "gan_t_min": (0.0, "gan_t_max"),
-                           "gan_t_max": (0.0, 1.0), "ca_t_min": (0.0, "ca_t_max"), "head_hidden": (1, None)}
+                           "gan_t_max": (0.0, 1.0), "ca_t_min": (0.0, "ca_t_max"), "head_hidden": (1, None),
+                           "gan_max_share": (0.0, None)}
 
     def setup(self):
         super().setup()
@@ -161,9 +165,27 @@ class DMD2(DMD):
                 fake(x_t, t_gan, batch.cond)
             d_fake = unwrap(nets.extra["gan_head"])(dict(feats), t_gan)  # [B, P]
             loss_g = F.softplus(-d_fake).mean()  # non-saturating G loss
-            loss = loss + self.gan_weight * loss_g
+            loss = loss + self.gan_term(x, loss_g, logs)
             logs |= {"gan_g_loss": loss_g.item()}
         return LossOut(loss, logs)
+
+    def gan_term(self, x: Tensor, loss_g: Tensor, logs: dict[str, float]) -> Tensor:
+        """The generator's GAN term as its gradient at the student output x (issue 17, item 4).
+
+        ``autograd.grad`` takes the GAN term's gradient at x through the frozen fake score and the
+        head (the same backward the summed loss would run), so it can be measured against the DM
+        term's, logged (``gan_grad_norm``, ``dm_x_grad_norm``, ``gan_share``: per-sample norms of
+        each term's gradient of the loss at x, and their ratio) and, with ``gan_max_share`` > 0,
+        scaled down to at most that share of the DM gradient before it reaches the student.
+        """
+        g_gan = torch.autograd.grad(self.gan_weight * loss_g, x, retain_graph=True)[0].float()  # [B, ...]
+        gan_norm = g_gan.reshape(len(x), -1).norm(dim=1).mean()
+        dm_norm = torch.tensor(logs["dm_grad_norm"] / x[0].numel() / len(x))  # |g_i| / N: the surrogate's grad at x_i
+        share = (gan_norm / dm_norm.clamp_min(1e-30)).item()
+        if self.gan_max_share > 0 and share > self.gan_max_share:
+            g_gan = g_gan * (self.gan_max_share / share)
+        logs |= {"gan_grad_norm": gan_norm.item(), "dm_x_grad_norm": dm_norm.item(), "gan_share": share}
+        return (x.float() * g_gan.detach()).sum()  # d/dx = g_gan
 
     def decoupled_loss(self, nets: Nets, batch: Batch, rng: torch.Generator, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Decoupled DMD: DM term (no CFG) + CA term (teacher CFG only), separate t and normalisers."""
