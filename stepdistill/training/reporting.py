@@ -48,7 +48,7 @@ class Reporter:
 
     def metrics(self, step: int, window: dict, lrs: dict, elapsed: float, bar) -> None:
         means = {k: sum(v) / len(v) for k, v in window.items() if v} | lrs
-        record = {"step": step, "elapsed_s": round(elapsed, 2)} | {k: round(v, 6) for k, v in means.items()}
+        record = {"step": step, "elapsed_s": round(elapsed, 2)} | {k: float(f"{v:.6g}") for k, v in means.items()}  # 6 significant digits: small norms keep theirs
         if not self.accelerator.is_main_process:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
