@@ -54,18 +54,10 @@ def train(recipe: str, overrides: list[str], run_dir: Path, rounds: int, every: 
 
 
 def minutes_by_round(run_dir: Path) -> dict[int, float]:
-    """Round -> training minutes so far (resumed segments summed, as ``rundir.training_summary``)."""
-    out, offset, last = {}, 0.0, 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "elapsed_s" not in rec:
-            continue
-        elapsed = float(rec["elapsed_s"])
-        if elapsed < last:  # a new process: its clock starts at 0
-            offset += last
-        last = elapsed
-        out[int(rec["step"])] = round((offset + elapsed) / 60, 3)
-    return out
+    """Round -> training minutes so far (resumed segments summed: ``rundir.seconds_by_round``)."""
+    from stepdistill.training.rundir import seconds_by_round
+
+    return {step: round(sec / 60, 3) for step, sec in seconds_by_round(run_dir).items()}
 
 
 def evaluate(run_dir: Path, teacher_spec: str, teacher_steps: int, teacher_guidance, num_samples: int) -> dict:

@@ -104,23 +104,37 @@ def _defaults(cfg: RunConfig) -> dict:
         return {}
 
 
-def training_summary(run_dir: str | Path) -> dict | None:
-    """Rounds and wall-clock seconds of a run, from its ``metrics.jsonl`` (resumed segments summed).
+def seconds_by_round(run_dir: str | Path) -> dict[int, float]:
+    """Logged round -> wall-clock training seconds so far, from the run's ``metrics.jsonl``.
 
-    Each process start logs ``elapsed_s`` from zero, so a drop marks a resume; the last value of
-    every segment is added. ``None`` when the run logged nothing.
+    Each process start logs ``elapsed_s`` from zero, so a drop marks a resume and the previous
+    segment's last value is carried over. ``{}`` when the run logged nothing.
     """
     path = Path(run_dir) / "metrics.jsonl"
+    out: dict[int, float] = {}
     if not path.is_file():
-        return None
-    seconds, last, rounds = 0.0, 0.0, 0
+        return out
+    offset, last = 0.0, 0.0
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-        elapsed = float(rec.get("elapsed_s", 0.0))
+        if "elapsed_s" not in rec or "step" not in rec:
+            continue
+        elapsed = float(rec["elapsed_s"])
         if elapsed < last:
-            seconds += last
-        last, rounds = elapsed, int(rec.get("step", rounds))
-    return {"rounds": rounds, "seconds": round(seconds + last, 1)}
+            offset += last
+        last = elapsed
+        out[int(rec["step"])] = offset + elapsed
+    return out
+
+
+def training_summary(run_dir: str | Path) -> dict | None:
+    """Rounds and wall-clock seconds of a run (resumed segments summed; ``seconds_by_round``).
+    ``None`` when the run logged nothing."""
+    by_round = seconds_by_round(run_dir)
+    if not by_round:
+        return None
+    rounds = list(by_round)[-1]
+    return {"rounds": rounds, "seconds": round(by_round[rounds], 1)}
