@@ -14,6 +14,7 @@ balanced classes) beside the teacher's own ``--teacher-steps`` line, and writes
     OMP_NUM_THREADS=1 python eval/convergence.py digits-unet/sid --rounds 600 --every 25
     OMP_NUM_THREADS=1 python eval/convergence.py digits-unet/sid --name digits-vunet-sid teacher.name=digits-vunet
     python eval/convergence.py --plot-only eval/results/convergence/digits-unet-sid.json
+    python eval/convergence.py --plot-only B.json --continues A.json   # B's run resumed A's into a new folder
 
 Wall-clock minutes depend on the machine and its load: run it on an idle machine (the JSON records
 the thread count and the load average at the start and the end); the FIDs do not depend on it.
@@ -115,6 +116,19 @@ def targets(points: list[dict], teacher_fid: float, budget_min: float = 4.0, rat
     return out
 
 
+def join(result: dict, earlier_json: Path) -> None:
+    """Put an earlier curve's points (rounds before this run's first) in front of ``result``'s and
+    take the targets over the joined curve; the teacher records must match."""
+    earlier = json.loads(Path(earlier_json).read_text())
+    if earlier["teacher"]["fid"] != result["teacher"]["fid"]:
+        raise SystemExit(f"--continues {earlier_json}: its teacher FID {earlier['teacher']['fid']:.4f} is not this "
+                         f"curve's {result['teacher']['fid']:.4f} (another teacher, guidance or sample count)")
+    first = min(p["round"] for p in result["points"])
+    result["points"] = [p for p in earlier["points"] if p["round"] < first] + [p for p in result["points"]]
+    result["continues"] = os.path.relpath(Path(earlier_json).resolve(), ROOT)
+    result["targets"] = targets(result["points"], result["teacher"]["fid"])
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -156,9 +170,15 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, help="default: runs/convergence/<name> (resumed when it exists)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate an existing run's checkpoints")
     ap.add_argument("--plot-only", type=Path, metavar="JSON")
+    ap.add_argument("--continues", type=Path, metavar="JSON",
+                    help="an earlier curve this run continues (resumed into a new folder): its points before this run's "
+                         "first checkpoint come first, and the targets are taken over the joined curve")
     args = ap.parse_args(argv)
     if args.plot_only:
         result = json.loads(args.plot_only.read_text())
+        if args.continues:
+            join(result, args.continues)
+            args.plot_only.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.plot_only.with_suffix(".png"))
         return 0
     if not args.recipe:
@@ -185,6 +205,8 @@ def main(argv=None) -> int:
     result["machine"] = machine
     result["wall_seconds"] = round(time.time() - start, 1)
     result["targets"] = targets(result["points"], result["teacher"]["fid"])
+    if args.continues:
+        join(result, args.continues)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

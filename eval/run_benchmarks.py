@@ -64,7 +64,8 @@ def model_entries(proto: dict) -> list[dict]:
              "steps": ([1] if isinstance(r, str) else r.get("steps", [1])),
              "trust_remote_code": False if isinstance(r, str) else bool(r.get("trust_remote_code", False)),
              "hybrid": None if isinstance(r, str) or not r.get("hybrid") else tuple(int(v) for v in r["hybrid"]),
-             "guidance": None if isinstance(r, str) else r.get("guidance")}  # the hybrid's teacher steps at this CFG
+             "guidance": None if isinstance(r, str) else r.get("guidance"),  # the hybrid's teacher steps at this CFG
+             "checkpoint": None if isinstance(r, str) else r.get("checkpoint")}  # a named checkpoint, not the newest
             for r in proto.get("runs") or []]
     return out
 
@@ -95,12 +96,18 @@ def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, co
             missing.append(spec)
             print(f"skip {spec}: not present", flush=True)
             continue
-        w = entry.get("guidance")
-        out = RESULTS / f"{name}__{slug(spec)}{'' if w is None else f'-w{w:g}'}.json"
+        w, ckpt = entry.get("guidance"), entry.get("checkpoint")
+        out = RESULTS / f"{name}__{slug(spec)}{'' if w is None else f'-w{w:g}'}{'' if ckpt is None else f'-{ckpt}'}.json"
         records = []
         steps = [n for n in entry["steps"] if n in FAST["steps"]] or entry["steps"][:1] if fast else entry["steps"]
-        for sampler in samplers_for(spec, steps, entry["solvers"], guidance_scale=w,
-                                    trust_remote_code=entry.get("trust_remote_code", False), hybrid=entry.get("hybrid")):
+        if ckpt is not None:  # one checkpoint of a run (its student alone)
+            from stepdistill.evaluation.sources import student_sampler
+
+            samplers = [student_sampler(spec, checkpoint=ckpt, model=f"{spec} @{ckpt}")]
+        else:
+            samplers = samplers_for(spec, steps, entry["solvers"], guidance_scale=w,
+                                    trust_remote_code=entry.get("trust_remote_code", False), hybrid=entry.get("hybrid"))
+        for sampler in samplers:
             start = time.time()
             record = evaluator.evaluate(sampler, RESULTS / "grids" / f"{name}__{slug(sampler.label)}.png")
             record["sample_grid"] = str(Path(record["sample_grid"]).relative_to(RESULTS.parent))

@@ -66,6 +66,25 @@ def test_convergence_minutes_add_up_over_a_resume_and_targets_see_a_hit_and_a_dr
     assert not drifting["no_drift"] and drifting["drift"] > 1.0 and drifting["best_round"] == 100
 
 
+def test_convergence_joins_a_curve_resumed_into_a_new_folder(tmp_path):
+    """--continues: the earlier curve's points before the new run's first come first; the targets
+    are taken over the joined curve; another teacher record is refused."""
+    import pytest
+
+    conv = _convergence()
+    pts = [{"round": 25 * (i + 1), "minutes": float(i + 1), "ema": {"fid": f}} for i, f in enumerate([3.0, 2.0, 1.5, 1.2])]
+    earlier = {"teacher": {"fid": 1.0}, "points": pts}
+    (tmp_path / "a.json").write_text(json.dumps(earlier))
+    later = {"teacher": {"fid": 1.0}, "points": [{"round": 100, "minutes": 4.0, "ema": {"fid": 1.2}},
+                                                 {"round": 125, "minutes": 5.0, "ema": {"fid": 0.9}}]}
+    conv.join(later, tmp_path / "a.json")
+    assert [p["round"] for p in later["points"]] == [25, 50, 75, 100, 125]
+    assert later["targets"]["ema"]["best_round"] == 125 and later["targets"]["ema"]["round_at_budget"] == 100
+    other = {"teacher": {"fid": 0.5}, "points": later["points"][-1:]}
+    with pytest.raises(SystemExit, match="is not this curve's"):
+        conv.join(other, tmp_path / "a.json")
+
+
 def test_load_student_reads_a_named_checkpoint_for_the_curves(tmp_path):
     import pytest
 
@@ -75,13 +94,24 @@ def test_load_student_reads_a_named_checkpoint_for_the_curves(tmp_path):
     from stepdistill.training.trainer import Trainer
 
     cfg = load_config("toy2d/dmd", ["train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.batch_size=8",
-                                    "train.sample_every=0", "student.fit_steps=5", "fake_score.fit_steps=5"])
+                                    "train.sample_every=0", "student.fit_steps=5", "fake_score.fit_steps=5", "train.log_every=1"])
     Trainer(cfg, tmp_path / "run", progress=False).run()
     first, last = load_student(tmp_path / "run", checkpoint="step_0000001"), load_student(tmp_path / "run")
     assert (first.info["step"], last.info["step"]) == (1, 2)
+    assert (first.info["training"]["rounds"], last.info["training"]["rounds"]) == (1, 2)  # train min up to that checkpoint
     assert any(not torch_equal(a, b) for a, b in zip(first.trainable.params, last.trainable.params))
     with pytest.raises(StepdistillError, match="not a complete checkpoint"):
         load_student(tmp_path / "run", checkpoint="step_0000009")
+
+
+def test_protocol_run_entry_names_a_checkpoint():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_benchmarks", ROOT / "eval" / "run_benchmarks.py")
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    entries = rb.model_entries({"runs": ["runs/a", {"path": "runs/a", "checkpoint": "step_0002400"}]})
+    assert [e["checkpoint"] for e in entries] == [None, "step_0002400"]
 
 
 def torch_equal(a, b) -> bool:

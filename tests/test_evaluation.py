@@ -468,4 +468,5 @@ def test_speedup_and_training_time_columns(tmp_path):
         ['{"step": 25, "elapsed_s": 10.0}', '{"step": 50, "elapsed_s": 20.5}',  # killed here, resumed:
          '{"step": 75, "elapsed_s": 9.5}', '{"step": 100, "elaps']))  # last line cut by a kill
     assert training_summary(tmp_path) == {"rounds": 75, "seconds": 30.0}
-    assert training_summary(tmp_path / "nowhere") is None
+    assert training_summary(tmp_path, upto=60) == {"rounds": 50, "seconds": 20.5}  # a checkpoint's step: its time so far
+    assert training_summary(tmp_path, upto=10) is None and training_summary(tmp_path / "nowhere") is None

@@ -291,7 +291,7 @@ def load_student(run_dir: str | Path, device="cpu", use_ema: bool = True, checkp
     student.module.to(device).eval().requires_grad_(False)
     view = Net(student.module, teacher.denoiser.schedule, adapter=student.adapter)
     info = {"checkpoint": str(ckpt), "step": state.get("step"), "ema": ema_used, "objective": state.get("objective", {}),
-            "student_init": cfg.student.init, "teacher": cfg.teacher.name, "training": training_summary(run_dir),
+            "student_init": cfg.student.init, "teacher": cfg.teacher.name, "training": training_summary(run_dir, state.get("step")),
             "rounds": state.get("step")}
     return LoadedStudent(teacher, view, list(student_times(cfg, teacher, log=lambda _m: None)), info, cfg, student)
 

@@ -130,10 +130,11 @@ def seconds_by_round(run_dir: str | Path) -> dict[int, float]:
     return out
 
 
-def training_summary(run_dir: str | Path) -> dict | None:
-    """Rounds and wall-clock seconds of a run (resumed segments summed; ``seconds_by_round``).
-    ``None`` when the run logged nothing."""
-    by_round = seconds_by_round(run_dir)
+def training_summary(run_dir: str | Path, upto: int | None = None) -> dict | None:
+    """Rounds and wall-clock seconds of a run (resumed segments summed; ``seconds_by_round``), or of its
+    first ``upto`` rounds (the last logged round at or below it: a checkpoint's step). ``None`` when
+    the run logged nothing."""
+    by_round = {r: sec for r, sec in seconds_by_round(run_dir).items() if upto is None or r <= upto}
     if not by_round:
         return None
     rounds = list(by_round)[-1]
