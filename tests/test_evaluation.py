@@ -281,7 +281,7 @@ def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_run_dir_student_matches_trained_student(unet_teacher_dir, tmp_path):
     from stepdistill.config import load_config
     from stepdistill.evaluation.seeding import Conditions, per_sample_randn, sample_generators
-    from stepdistill.evaluation.sources import model_kind, seeded_few_step_sample, student_sampler
+    from stepdistill.evaluation.sources import ModelSampler, model_kind, seeded_few_step_sample, student_sampler
     from stepdistill.training.networks import Net
     from stepdistill.training.trainer import Trainer
 
@@ -293,6 +293,11 @@ def test_run_dir_student_matches_trained_student(unet_teacher_dir, tmp_path):
     assert model_kind(str(tmp_path / "run")) == "student"
     sampler = student_sampler(tmp_path / "run")
     assert sampler.steps == 2 and sampler.kind == "student"
+    w = cfg.objective.guidance_scale  # the label says which teacher CFG the student was distilled toward
+    assert sampler.info["distilled_guidance_scale"] == w
+    assert (f", distilled w={w:g}" in sampler.label) == (w != 1.0)
+    assert ModelSampler("r", "student", "few-step", 1, None, None, [], info={"distilled_guidance_scale": 2.0}).label \
+        == "r [student] few-step 1 step, distilled w=2"
     seeds, labels = [3, 4, 5], torch.tensor([0, 5, 9])
     got = sampler.generate(seeds, Conditions(labels, None))
     tr = trainer.trainables["student"]

@@ -97,6 +97,9 @@ def test_dmd2_decoupled_cfg_split_gradient():
     g_ca = -(3.0 - 1) * (tc - tu) / ((x - tc).abs().mean(1, keepdim=True) + obj.normaliser_eps)
     assert torch.allclose(grad, (g_dm + 0.5 * g_ca) / x.numel(), rtol=1e-4, atol=1e-7)
     assert out.logs["ca_grad_norm"] > 0
+    # the GAN share is taken against all of the distillation gradient (DM + CA), not the DM part alone
+    total = (g_dm + 0.5 * g_ca).reshape(len(x), -1).norm(dim=1).mean().item()
+    assert out.logs["distill_grad_norm"] == pytest.approx(total, rel=1e-4)
     with pytest.raises(StepdistillError, match="cfg_split"):
         DMD2(cfg_split=True).loss("student", Nets(teacher=teacher, student=student, fake_score=fake), batch, torch.Generator())
 

@@ -214,6 +214,7 @@ class Evaluator:
         q = quantize(images)  # [N, C, H, W] uint8
         record = {"model": sampler.model, "kind": sampler.kind, "solver": sampler.solver, "steps": sampler.steps,
                   "guidance_scale": sampler.guidance_scale, "label": sampler.label,
+                  "distilled_guidance_scale": sampler.info.get("distilled_guidance_scale"),
                   "nfe": counter.rows / s.num_samples if sampler.networks else None}
         if "fid" in skipped:
             record |= dict.fromkeys(DISTRIBUTION_KEYS)

@@ -132,7 +132,7 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
     from ..training.run import load_student
     from .seeding import Conditions, per_sample_randn, sample_generators
     from ..training.networks import inner_model
-    from .sources import SOLVER_NAMES, ModelSampler, cond_dicts, finish_samples, teacher_prompts
+    from .sources import SOLVER_NAMES, ModelSampler, cond_dicts, distilled_guidance, finish_samples, teacher_prompts
 
     check_hybrid(teacher_steps, schedule_steps)
     loaded = load_student(run_dir, device, use_ema)
@@ -155,7 +155,7 @@ def hybrid_sampler(run_dir: str | Path, teacher_steps: int = 1, schedule_steps: 
     s = handover_time(sched, teacher.denoiser.schedule, teacher_steps) if teacher_steps else times[0]
     after = hybrid_student_times(times, s) if teacher_steps else times
     nfe = teacher_steps * (2 if uses_cfg else 1) + len(after)
-    info = dict(loaded.info) | {"times": list(times), "hybrid": {
+    info = dict(loaded.info) | {"times": list(times), "distilled_guidance_scale": distilled_guidance(loaded.cfg), "hybrid": {
         "teacher_steps": teacher_steps, "schedule_steps": schedule_steps, "handover_time": s,
         "student_times_after_handover": list(after), "teacher_solver": type(sched).__name__,
         "teacher_timesteps": [round(float(v), 3) for v in sched.timesteps[:teacher_steps]],

@@ -70,6 +70,8 @@ class ModelSampler:
     @property
     def label(self) -> str:
         guide = f", w={self.guidance_scale:g}" if self.guidance_scale not in (None, 1.0) else ""
+        distilled = self.info.get("distilled_guidance_scale")  # a student's: the teacher CFG it was distilled toward
+        guide += f", distilled w={distilled:g}" if distilled not in (None, 1.0) else ""
         return f"{self.model} [{self.kind}] {SOLVER_NAMES.get(self.solver, self.solver)} {self.steps} step{'s' * (self.steps != 1)}{guide}"
 
 
@@ -305,6 +307,12 @@ def seeded_few_step_sample(student, noise: Tensor, cond, times: Sequence[float],
     return few_step_sample(student, noise, cond, times, noise_fn=lambda shape: per_sample_randn(generators, shape[1:]))
 
 
+def distilled_guidance(cfg) -> float | None:
+    """The teacher CFG scale a run's objective distilled toward (``objective.guidance_scale``), None if it has none."""
+    w = getattr(cfg.objective, "guidance_scale", None)
+    return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None
+
+
 def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, model: str | None = None,
                     checkpoint: str | Path | None = None) -> ModelSampler:
     from ..training.run import load_student
@@ -321,6 +329,7 @@ def student_sampler(run_dir: str | Path, device="cpu", use_ema: bool = True, mod
         return finish_samples(teacher, seeded_few_step_sample(view, noise, cond, times, gens))
 
     info["times"] = times
+    info["distilled_guidance_scale"] = distilled_guidance(loaded.cfg)
     return ModelSampler(model or str(run_dir), "student", "few-step", len(times), None, generate,
                         [inner_model(view.module)], teacher.num_classes, teacher_prompts(teacher), info)
 

@@ -180,7 +180,8 @@ class DMD2(DMD):
         """
         g_gan = torch.autograd.grad(self.gan_weight * loss_g, x, retain_graph=True)[0].float()  # [B, ...]
         gan_norm = g_gan.reshape(len(x), -1).norm(dim=1).mean()
-        dm_norm = torch.tensor(logs["dm_grad_norm"] / x[0].numel() / len(x))  # |g_i| / N: the surrogate's grad at x_i
+        # |g_i| / N: the surrogate's grad at x_i (with cfg_split, DM + CA: all the distillation gradient)
+        dm_norm = torch.tensor(logs.get("distill_grad_norm", logs["dm_grad_norm"]) / x[0].numel() / len(x))
         share = (gan_norm / dm_norm.clamp_min(1e-30)).item()
         if self.gan_max_share > 0 and share > self.gan_max_share:
             g_gan = g_gan * (self.gan_max_share / share)
@@ -204,7 +205,8 @@ class DMD2(DMD):
             g = g_dm + self.ca_weight * g_ca
         loss = 0.5 * F.mse_loss(x.float(), x.detach().float() - g)  # surrogate: dL/dx = g / N
         logs = {"dm_loss": loss.item(), "dm_grad_norm": g_dm.reshape(len(x), -1).norm(dim=1).mean().item(),
-                "ca_grad_norm": g_ca.reshape(len(x), -1).norm(dim=1).mean().item()}
+                "ca_grad_norm": g_ca.reshape(len(x), -1).norm(dim=1).mean().item(),
+                "distill_grad_norm": g.reshape(len(x), -1).norm(dim=1).mean().item()}
         return loss, logs
 
     def _inv_norm(self, x: Tensor, x_real: Tensor) -> Tensor:
