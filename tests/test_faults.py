@@ -47,11 +47,17 @@ class Reached(Exception):
     """Raised where a command's work would start: its arguments passed every check."""
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    for action in build_parser()._actions:
+def _subcommands(parser=None, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf command, nested ones as "control train": name -> its parser."""
+    for action in (parser or build_parser())._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise AssertionError("no subcommands")
+            out = {}
+            for name, sub in action.choices.items():
+                out |= _subcommands(sub, f"{prefix}{name} ") or {f"{prefix}{name}": sub}
+            return out
+    if parser is None:
+        raise AssertionError("no subcommands")
+    return {}
 
 
 SUB = _subcommands()
@@ -100,7 +106,7 @@ def _value(action, draw) -> list[str]:
 def command_lines(draw, places):
     name = draw(st.sampled_from(sorted(SUB)))
     parser = SUB[name]
-    argv = [name]
+    argv = name.split()
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction) or action.dest == "debug":  # --debug asks for tracebacks
             continue
@@ -111,7 +117,7 @@ def command_lines(draw, places):
                                                "nonsense.key=1", "student.lr=0", "train.steps=2"]))
                          for _ in range(draw(st.integers(0, 2)))]
             else:
-                cheap = ["toy2d/dmd"] if name in ("train", "plan") else ["digits-unet"]
+                cheap = ["toy2d/dmd"] if name in ("train", "plan") else ["digits-sd"] if name.startswith("control") else ["digits-unet"]
                 argv += [draw(st.sampled_from(cheap) if draw(st.booleans()) else st.sampled_from(places)) for _ in range(n)]
         elif action.required or draw(st.integers(0, 3)) == 0:
             argv += [draw(st.sampled_from(action.option_strings)), *_value(action, draw)]
@@ -136,6 +142,7 @@ def _checked(**values):
 
 @pytest.fixture
 def stop_at_work(monkeypatch):
+    import stepdistill.control as control
     import stepdistill.evaluation.cli as ecli
     import stepdistill.export as export
     import stepdistill.inspection as inspection
@@ -163,6 +170,12 @@ def stop_at_work(monkeypatch):
     monkeypatch.setattr(export, "export_run", export_run)
     monkeypatch.setattr(quickstart, "quickstart", lambda out, fast=False, progress=True: _checked())
 
+    def load_sd_pipeline(name_or_folder, device="cpu"):  # control train / measure: their work starts here
+        torch.device(device)
+        _checked()
+
+    monkeypatch.setattr(control, "load_sd_pipeline", load_sd_pipeline)
+
 
 @settings(max_examples=int(__import__("os").environ.get("FAULT_EXAMPLES", 150)), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -174,9 +187,9 @@ def test_every_cli_flag_answers_with_one_line_or_reaches_the_work_in_range(place
     try:
         code, err = run_cli(argv, capsys)
     except Reached:
-        event(f"{argv[0]}: reached the work")
+        event(f"{' '.join(argv[:2]) if argv[0] == 'control' else argv[0]}: reached the work")
         return
-    event(f"{argv[0]}: exit {code}")
+    event(f"{' '.join(argv[:2]) if argv[0] == 'control' else argv[0]}: exit {code}")
     assert "Traceback" not in err, (argv, err)
     assert code in (0, 1, 2), (argv, code, err)
     if code == 2:
@@ -188,7 +201,8 @@ def test_the_fuzz_reaches_every_command(places, stop_at_work, capsys, tmp_path, 
     monkeypatch.chdir(tmp_path)
     for argv in (["train", "toy2d/dmd", "train.steps=2"], ["quickstart", "--out", str(tmp_path / "q")],
                  ["eval", "digits-unet", "--out", str(tmp_path / "e"), "--num-samples", "8"],
-                 ["inspect", "digits-unet", "--out", str(tmp_path / "i.png")]):
+                 ["inspect", "digits-unet", "--out", str(tmp_path / "i.png")],
+                 ["control", "train", "digits-sd", "--output", str(tmp_path / "c"), "--steps", "2"]):
         with pytest.raises(Reached):
             run_cli(argv, capsys)
 
