@@ -132,12 +132,17 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations of the trained diffusers networks in backward (less memory, ~30% slower)
     distributed: str = "ddp"  # ddp (replicate) | fsdp (shard the trained full networks; FSDP2 via accelerate; not with LoRA)
     attention: str = "auto"  # auto (xformers when installed and on a GPU, else torch SDPA) | sdpa | xformers
+    compile: str = "no"  # no | a torch.compile backend (inductor: torch's default): every network compiled in place (nn.Module.compile), checkpoints unchanged
     report_to: str = "tensorboard"  # accelerate trackers, comma-separated: tensorboard (<run>/tensorboard) | wandb | comet_ml | mlflow | aim | clearml | dvclive | swanlab | trackio | all (every installed one) | none
 
     def __post_init__(self):
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         check_choice("train.attention", self.attention, ("auto", "sdpa", "xformers"))
         check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
+        if self.compile != "no":  # torch's dynamo backends (debug ones such as aot_eager included)
+            import torch._dynamo
+
+            check_choice("train.compile", self.compile, ("no", *torch._dynamo.list_backends(exclude_tags=())))
         for key in ("steps", "batch_size", "grad_accum", "log_every", "max_nonfinite", "num_sample_images"):
             check_range(f"train.{key}", getattr(self, key), 1)
         for key in ("sample_every", "checkpoint_every", "keep_checkpoints"):

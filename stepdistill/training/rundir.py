@@ -13,7 +13,7 @@ from .checkpoint import latest_checkpoint
 _MISSING = object()
 # bookkeeping that never touches the weights: a resume may change it (train.steps may only grow)
 RESUME_FREE = ("train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.num_sample_images")
+               "train.num_sample_images", "train.compile")
 
 
 class RunFolderLock:
