@@ -20,7 +20,7 @@ offload, ``torch.compile``.
   switches) stays eager; a switch of LoRA adapter recompiles that network (dynamo guards on the
   module's state). sCM's ``torch.func.jvp`` tangent falls back to finite differences if the
   compiled network cannot run forward-mode AD. On the 2-core CPU machine a digits UNet's
-  forward+backward ran 1.2-1.3x faster after a 174 s first compile (``eval/ABLATIONS.md``).
+  forward+backward ran 1.1-1.2x faster (forward 1.6x) after a 174 s first compile (``eval/ABLATIONS.md``).
 """
 
 from __future__ import annotations
