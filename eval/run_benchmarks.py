@@ -2,6 +2,7 @@
 
     python eval/run_benchmarks.py eval/protocols/digits.yaml                  # sample + measure, then table
     python eval/run_benchmarks.py eval/protocols/digits.yaml --only digits-flow
+    python eval/run_benchmarks.py eval/protocols/digits.yaml --only digits-flow-w1     # one entry: guidance 1
     python eval/run_benchmarks.py --table-only                                # table and plots from results/*.json
     python eval/run_benchmarks.py --fast                                      # smoke run: 100 samples, steps 1/4/50
 
@@ -80,6 +81,12 @@ def present(spec: str) -> bool:
         return False
 
 
+def entry_key(entry: dict) -> str:
+    """One protocol entry's name: its results file ``<protocol>__<key>.json`` and an ``--only`` token."""
+    w, ckpt = entry.get("guidance"), entry.get("checkpoint")
+    return f"{slug(entry['spec'])}{'' if w is None else f'-w{w:g}'}{'' if ckpt is None else f'-{ckpt}'}"
+
+
 def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, command: str, fast: bool = False) -> None:
     proto = load_protocol(path)
     name = proto.get("name", path.stem)
@@ -90,14 +97,14 @@ def run_protocol(path: Path, only: list[str] | None, num_samples: int | None, co
     missing = []
     for entry in model_entries(proto):
         spec = entry["spec"]
-        if only and spec not in only:
+        w, ckpt, key = entry.get("guidance"), entry.get("checkpoint"), entry_key(entry)
+        if only and spec not in only and key not in only:
             continue
         if not present(spec):
             missing.append(spec)
             print(f"skip {spec}: not present", flush=True)
             continue
-        w, ckpt = entry.get("guidance"), entry.get("checkpoint")
-        out = RESULTS / f"{name}__{slug(spec)}{'' if w is None else f'-w{w:g}'}{'' if ckpt is None else f'-{ckpt}'}.json"
+        out = RESULTS / f"{name}__{key}.json"
         records = []
         steps = [n for n in entry["steps"] if n in FAST["steps"]] or entry["steps"][:1] if fast else entry["steps"]
         if ckpt is not None:  # one checkpoint of a run (its student alone)
@@ -189,7 +196,8 @@ def update_readme(by_protocol: dict[str, list[dict]]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("protocols", nargs="*", type=Path, help="protocol YAML files (default: eval/protocols/*.yaml)")
-    p.add_argument("--only", nargs="+", help="only these models of the protocol")
+    p.add_argument("--only", nargs="+", help="only these models of the protocol: a model's spec (all its entries) or one "
+                   "entry's results name (e.g. digits-flow-w1: the entry with guidance 1)")
     p.add_argument("--num-samples", type=int, help="override the protocol's sample count (smoke runs)")
     p.add_argument("--table-only", action="store_true", help="regenerate RESULTS.md and plots only")
     p.add_argument("--fast", action="store_true",

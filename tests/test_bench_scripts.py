@@ -112,6 +112,9 @@ def test_protocol_run_entry_names_a_checkpoint():
     spec.loader.exec_module(rb)
     entries = rb.model_entries({"runs": ["runs/a", {"path": "runs/a", "checkpoint": "step_0002400"}]})
     assert [e["checkpoint"] for e in entries] == [None, "step_0002400"]
+    # each entry has its own results name, which --only accepts to run that entry alone
+    teachers = rb.model_entries({"models": [{"teacher": "digits-flow"}, {"teacher": "digits-flow", "guidance": 1}]})
+    assert [rb.entry_key(e) for e in teachers + entries] == ["digits-flow", "digits-flow-w1", "runs-a", "runs-a-step_0002400"]
 
 
 def torch_equal(a, b) -> bool:
