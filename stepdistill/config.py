@@ -85,7 +85,7 @@ class NetworkConfig:
 @dataclass
 class StudentConfig(NetworkConfig):
     times: list[float] = field(default_factory=lambda: [1.0])  # generation times t_0 > t_1 > ...; [1.0] = one step
-    sigmas: list[float] = field(default_factory=list)  # instead of times: noise levels in EDM units (sigma/alpha, e.g. SiD's [2.5]), mapped onto each teacher's own schedule, so a recipe transfers between teachers; above the teacher's largest level = t 1
+    sigmas: list[float] = field(default_factory=list)  # instead of times: noise levels in EDM units (sigma/alpha, e.g. SiD's [2.5]), mapped onto each teacher's own schedule, so a recipe transfers between teachers; above the teacher's largest level = t 1; a student.times override replaces a recipe's sigmas
     ema_decay: float = 0.0  # EMA of the student weights (0 = off): the largest decay per student update (diffusers EMAModel decay); evaluation and export use the EMA
     feature_weight: float = 0.0  # KOALA / BK-SDM feature distillation: weight of the student-phase term mean_l ||f_l^student(x_t) - f_l^teacher(x_t)||^2 on the same noised input (0 = off); with any objective and student.init
     feature_layers: str = "attn"  # which features: attn (self-attention outputs of the aligned kept blocks) | blocks (same-shaped down/mid/up block outputs) | out (the x0 output only: the output-distillation baseline)
@@ -362,6 +362,9 @@ def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunCo
     new_name = over.get("objective", {}).get("name") if isinstance(over.get("objective"), dict) else None
     if new_name and isinstance(data.get("objective"), dict) and data["objective"].get("name") != new_name:
         data = dict(data, objective={})  # another objective: the recipe's hyperparameters were for the old one
+    student_over = over.get("student") if isinstance(over.get("student"), dict) else {}
+    if "times" in student_over and "sigmas" not in student_over and isinstance(data.get("student"), dict):
+        data = dict(data, student={k: v for k, v in data["student"].items() if k != "sigmas"})  # times given: they replace the recipe's sigmas
     data = merge(data, over)
     if isinstance(data.get("objective", {}), dict):
         data["objective"] = {"name": "dmd"} | data.get("objective", {})  # dmd is the default objective

@@ -99,6 +99,17 @@ def test_student_sigmas_map_onto_each_teachers_schedule():
     assert times_of_sigmas(sd, [1e6], log=said.append) == [1.0] and "start from t = 1" in said[0]
 
 
+def test_student_times_on_the_command_line_replace_a_recipes_sigmas():
+    """A recipe that gives student.sigmas (digits-unet/sid) still takes student.times=...: the times win."""
+    from stepdistill.config import load_config
+
+    assert load_config("digits-unet/sid").student.sigmas == [2.5]
+    cfg = load_config("digits-unet/sid", ["student.times=[1.0, 0.5]"])
+    assert cfg.student.sigmas == [] and cfg.student.times == [1.0, 0.5]
+    both = load_config("digits-unet/sid", ["student.times=[1.0]", "student.sigmas=[4.0]"])
+    assert both.student.sigmas == [4.0]  # both given: sigmas win, as in the recipe
+
+
 def test_student_sigmas_are_checked():
     from stepdistill.config import load_config
     from stepdistill.contract import StepdistillError
