@@ -13,7 +13,9 @@ the next time with fresh noise from the call's generator (``stepdistill.sampling
 * Timesteps. The stock SD pipeline only takes ``num_inference_steps``, so the scheduler config
   itself must produce the student's timesteps: ``LCMScheduler(original_inference_steps=1000)``
   gives [999], [999, 499], [999, 749, 499, 249], ... (t = step / 999); an SD student must be
-  trained at those times (export checks and names the right ``student.times`` otherwise). The
+  trained at those times or at another ``original_inference_steps``' grid (a one-step student at
+  step s >= 500 gets ``original_inference_steps = s + 1``: EDM sigma 2.5 on SD's schedule is step
+  625); export finds it, and names the right ``student.times`` when none fits. The
   class-conditional pipeline stores the times in its config, so any times work.
 * Guidance. A student replays without CFG (the teacher's guidance is baked in). In the stock SD
   pipeline CFG is on whenever ``guidance_scale > 1`` (default 7.5) unless the UNet has a
@@ -184,7 +186,7 @@ def _card_text(meta: dict, out: Path) -> str:
         if meta.get("lora_file"):
             extra += ("\nLoRA: `lora/pytorch_lora_weights.safetensors` is the same student as an adapter for the teacher's "
                       "pipeline: `pipe.load_lora_weights(\"lora\")`, then set "
-                      "`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000, "
+                      f"`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={meta.get('lcm_original_inference_steps') or 1000}, "
                       "clip_sample=False)` and call with `guidance_scale=1` (the adapter has no guidance projection).\n")
     elif meta.get("call_kwargs"):  # stock pipeline whose call needs arguments (flow families: sigmas, guidance off)
         load, extra = _stock_call_usage(meta, out)

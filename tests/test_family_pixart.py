@@ -114,6 +114,7 @@ def test_lora_student_exports_merged(tmp_path, pixart_dir):
 
 
 def test_off_grid_student_is_refused(tmp_path, pixart_dir):
-    run = fh.train(tmp_path, pixart_dir, "digits-sd/dmd2", [1.0, 0.6], PROMPTS, *RUN)
+    """[999, 299]: no original_inference_steps gives it ([999, 599] is LCMScheduler(original_inference_steps=5)'s grid)."""
+    run = fh.train(tmp_path, pixart_dir, "digits-sd/dmd2", [1.0, 0.3], PROMPTS, *RUN)
     with pytest.raises(StepdistillError, match=r"student.times=\[1.0, 0.499499\]"):
         export_run(run, tmp_path / "export")

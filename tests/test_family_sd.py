@@ -112,11 +112,18 @@ def stock_vs_toolkit(tmp_path: Path, run: Path, export: Path, n_steps: int, **lo
     return stock, fh.toolkit_latents(run, {"prompt_embeds": pe}, seed=0)
 
 
-@pytest.mark.parametrize("times", [[1.0], FOUR], ids=["1step", "4step"])
+@pytest.mark.parametrize("times", [[1.0], FOUR, [625 / 999]], ids=["1step", "4step", "1step-at-625"])
 def test_dmd2_student_replays_in_stock_pipeline(tmp_path, sd15, times):
+    """Also a one-step student at step 625 (EDM sigma 2.5, SiD's input): LCMScheduler(original_inference_steps=626)."""
+    from diffusers import LCMScheduler
+
     run = fh.train(tmp_path, sd15, "sd15/dmd2", times, PROMPTS, *FAST)
     meta = export_run(run, tmp_path / "export")
     assert meta["pipeline"] == "StableDiffusionPipeline" and meta["text_encoder_in_folder"]
+    assert meta["lcm_original_inference_steps"] == (626 if times[0] < 1 else 1000)
+    sched = LCMScheduler.from_pretrained(tmp_path / "export" / "scheduler")
+    sched.set_timesteps(len(times))
+    assert [int(t) for t in sched.timesteps] == [round(t * 999) for t in meta["student_times"][str(len(times))]]
     stock, ours = stock_vs_toolkit(tmp_path, run, tmp_path / "export", len(times))
     assert stock.shape == ours.shape == (2, 4, 8, 8)
     assert (stock - ours).abs().max() <= fh.TOL

@@ -11,7 +11,8 @@ dropped by the denoiser.
 
 Export: the stock ``PixArtSigmaPipeline`` with the student transformer and
 ``LCMScheduler.from_config(teacher scheduler, original_inference_steps=1000)``, whose grid
-[999], [999, 499], [999, 749, 499, 249] the student must be trained at (the student's times snap
+[999], [999, 499], [999, 749, 499, 249] the student must be trained at (or another
+``original_inference_steps``' grid, which export then writes: one step at s >= 500 -> s + 1; the student's times snap
 to floor(t * 999): [1.0] and [1.0, 0.75, 0.5, 0.25] are on it); ``pipe(prompt,
 num_inference_steps=N, guidance_scale=1.0, clean_caption=False)``. No diffusers LoRA loader:
 LoRA students export merged.
@@ -76,9 +77,9 @@ class PixArt(Family):
     def export(self, job: ExportJob) -> dict:
         folder = job.teacher.folder
         sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
-        check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), "PixArtSigmaPipeline")
+        origin = check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), "PixArtSigmaPipeline")
         job.model.save_pretrained(job.out / "transformer", safe_serialization=True)
-        lcm_scheduler(job.teacher, sched_cfg).save_pretrained(job.out / "scheduler")
+        lcm_scheduler(job.teacher, sched_cfg, origin).save_pretrained(job.out / "scheduler")
         copy_parts(folder, job.out, ("vae", "tokenizer", "text_encoder"))
         index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
         write_index(job.out, "PixArtSigmaPipeline", {
@@ -88,7 +89,7 @@ class PixArt(Family):
             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": index.get("vae", ["diffusers", "AutoencoderKL"])})
         args = encoding_args(job.teacher.info or {})
         call = {str(n): {"num_inference_steps": n, "guidance_scale": 1.0, **args} for n in job.times}
-        return {"pipeline": "PixArtSigmaPipeline", "scheduler": "LCMScheduler", "call_kwargs": call,
+        return {"pipeline": "PixArtSigmaPipeline", "scheduler": "LCMScheduler", "lcm_original_inference_steps": origin, "call_kwargs": call,
                 "text_encoder_in_folder": (job.out / "text_encoder").is_dir(),
                 "step_noise": "LCMScheduler re-noises x0 to the next timestep with the call's generator; keep "
                               "clean_caption=False (the student was trained on uncleaned captions); no diffusers LoRA loader "

@@ -6,7 +6,8 @@ embeddings the stock pipeline feeds it. Epsilon and v-prediction teachers (the s
 config says which).
 
 Export: the stock pipeline with the student UNet and ``LCMScheduler(original_inference_steps=
-1000)``, whose grid [999], [999, 499], [999, 749, 499, 249] the student must be trained at;
+1000)``, whose grid [999], [999, 499], [999, 749, 499, 249] the student must be trained at
+(or another ``original_inference_steps`` whose grid is the student's: one step at 625 -> 626);
 the UNet gets a zero ``time_cond_proj_dim`` projection so the pipeline never applies CFG (the
 teacher's guidance is baked in). ``--lora`` also writes ``pytorch_lora_weights.safetensors``
 for ``pipe.load_lora_weights`` on the teacher's pipeline.
@@ -24,24 +25,42 @@ from . import ExportJob, Family, config_of, need, read_json, register_family
 from .text import encoder_pipeline, prompt_conditioner
 
 
-def lcm_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Timesteps ``LCMScheduler(original_inference_steps=1000)`` uses for ``num_steps`` steps."""
+def lcm_grid(num_steps: int, num_train_timesteps: int = 1000, original_steps: int | None = None) -> list[int]:
+    """Timesteps ``LCMScheduler(original_inference_steps=original_steps or num_train_timesteps)`` uses for ``num_steps``."""
     from diffusers import LCMScheduler
 
-    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=num_train_timesteps)
+    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_steps or num_train_timesteps)
     sched.set_timesteps(num_steps)
     return [int(t) for t in sched.timesteps]
 
 
-def check_lcm_grid(times: dict[int, list[float]], n_train: int, pipeline: str) -> None:
-    """One-line error unless every step count's times are ``LCMScheduler``'s grid."""
-    for n, ts in times.items():
-        want = [int(round(t * (n_train - 1))) for t in ts]
-        grid = lcm_grid(n, n_train)
-        if want != grid or any(abs(t * (n_train - 1) - round(t * (n_train - 1))) > 1e-4 for t in ts):
-            raise StepdistillError(f"the stock {pipeline} replays LCMScheduler's grid: a {n}-step student must be "
-                                   f"trained at student.times={[round(g / (n_train - 1), 6) for g in grid]} (timesteps {grid}), "
-                                   f"this one was trained at {ts}")
+def check_lcm_grid(times: dict[int, list[float]], n_train: int, pipeline: str) -> int:
+    """The ``original_inference_steps`` whose ``LCMScheduler`` grid is every step count's times, or a one-line error.
+
+    ``n_train`` first (the grid [999], [999, 499], ...); then any other: its grid for one step is
+    m * (n_train // m) - 1, so a one-step student at step 625 (EDM sigma 2.5 on SD's schedule)
+    replays with ``original_inference_steps=626``.
+    """
+    from diffusers import LCMScheduler
+
+    want = {n: [int(round(t * (n_train - 1))) for t in ts] for n, ts in times.items()}
+    off = {n: ts for n, ts in times.items() if any(abs(t * (n_train - 1) - round(t * (n_train - 1))) > 1e-4 for t in ts)}
+    sched = LCMScheduler(num_train_timesteps=n_train, original_inference_steps=n_train)
+    for m in [n_train, *range(n_train - 1, max(want) - 1, -1)] if not off and want else []:
+        ok = True
+        for n, w in want.items():
+            sched.set_timesteps(n, original_inference_steps=m)
+            if [int(t) for t in sched.timesteps] != w:
+                ok = False
+                break
+        if ok:
+            return m
+    n, ts = next(iter((off or times).items()))
+    grid = lcm_grid(n, n_train)
+    raise StepdistillError(f"the stock {pipeline} replays LCMScheduler's grid: a {n}-step student must be trained at "
+                           f"student.times={[round(g / (n_train - 1), 6) for g in grid]} (timesteps {grid}) or at "
+                           f"timesteps another original_inference_steps gives (one step: any of {n_train // 2}-{n_train - 1}); "
+                           f"this one was trained at {ts}")
 
 
 def guidance_off(unet, dim: int = 256):
@@ -57,12 +76,12 @@ def guidance_off(unet, dim: int = 256):
     return new.to(next(unet.parameters()).dtype)
 
 
-def lcm_scheduler(teacher, sched_cfg: dict):
+def lcm_scheduler(teacher, sched_cfg: dict, original_steps: int | None = None):
     from diffusers import LCMScheduler
 
     n_train = int(sched_cfg.get("num_train_timesteps", 1000))
     prediction = teacher.denoiser.prediction_type
-    return LCMScheduler.from_config(sched_cfg, original_inference_steps=n_train, clip_sample=False, thresholding=False,
+    return LCMScheduler.from_config(sched_cfg, original_inference_steps=original_steps or n_train, clip_sample=False, thresholding=False,
                                     timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True,  # LCM ignores steps_offset; 1 spares the SD pipeline its rewrite warning
                                     prediction_type=prediction if prediction != "flow" else "epsilon")
 
@@ -129,9 +148,9 @@ class SD(Family):
     def export(self, job: ExportJob) -> dict:
         folder = job.teacher.folder
         sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
-        check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), "StableDiffusionPipeline")
+        origin = check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), "StableDiffusionPipeline")
         guidance_off(job.model).save_pretrained(job.out / "unet", safe_serialization=True)
-        lcm_scheduler(job.teacher, sched_cfg).save_pretrained(job.out / "scheduler")
+        lcm_scheduler(job.teacher, sched_cfg, origin).save_pretrained(job.out / "scheduler")
         copy_parts(folder, job.out, ("vae", "tokenizer", "text_encoder"))
         index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
         write_index(job.out, "StableDiffusionPipeline", {
@@ -140,7 +159,7 @@ class SD(Family):
             "text_encoder": index.get("text_encoder", ["transformers", "CLIPTextModel"]),
             "tokenizer": index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
-        written = {"pipeline": "StableDiffusionPipeline", "scheduler": "LCMScheduler",
+        written = {"pipeline": "StableDiffusionPipeline", "scheduler": "LCMScheduler", "lcm_original_inference_steps": origin,
                    "text_encoder_in_folder": (job.out / "text_encoder").is_dir()}
         if job.lora_state is not None:
             written["lora_file"] = save_lora("StableDiffusionPipeline", job)

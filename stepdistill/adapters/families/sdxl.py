@@ -10,7 +10,8 @@ cond keys: ``prompt_embeds`` [B, 77, D], ``pooled_prompt_embeds`` [B, P], ``time
 Export: the stock ``StableDiffusionXLPipeline`` with the student UNet (a zero guidance projection,
 so the pipeline never applies CFG), the teacher's VAE, tokenizers and text encoders, and
 ``LCMScheduler(original_inference_steps=1000)`` (the student must be trained on its grid:
-[999], [999, 499], [999, 749, 499, 249]); ``force_zeros_for_empty_prompt`` as trained. The
+[999], [999, 499], [999, 749, 499, 249], or on another ``original_inference_steps``' grid, which
+export then writes: one step at s >= 500 -> s + 1); ``force_zeros_for_empty_prompt`` as trained. The
 pipeline's ``add_watermarker`` default is left alone (it only applies when invisible-watermark is
 installed, and never to ``output_type="latent"``). Call it at the training resolution
 (``height``/``width`` default to the UNet's ``sample_size`` x 8 x ... = the training one). ``--lora``
@@ -111,13 +112,13 @@ class SDXL(Family):
     def export(self, job: ExportJob) -> dict:
         folder = job.teacher.folder
         sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
-        check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), PIPELINE)
+        origin = check_lcm_grid(job.times, int(sched_cfg.get("num_train_timesteps", 1000)), PIPELINE)
         missing = [p for p in ("vae", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2") if not (folder / p).is_dir()]
         if missing:
             raise StepdistillError(f"{folder} lacks {', '.join(missing)}/: a stock {PIPELINE} folder needs the teacher's "
                                    "VAE, both tokenizers and both text encoders")
         guidance_off(job.model).save_pretrained(job.out / "unet", safe_serialization=True)
-        lcm_scheduler(job.teacher, sched_cfg).save_pretrained(job.out / "scheduler")
+        lcm_scheduler(job.teacher, sched_cfg, origin).save_pretrained(job.out / "scheduler")
         copy_parts(folder, job.out, ("vae", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"))
         index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
         force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
@@ -130,7 +131,7 @@ class SDXL(Family):
             "tokenizer_2": index.get("tokenizer_2", ["transformers", "CLIPTokenizer"]),
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": index.get("vae", ["diffusers", "AutoencoderKL"])})
         height, width = training_resolution(folder, job.model, job.teacher.info or {})
-        written = {"pipeline": PIPELINE, "scheduler": "LCMScheduler", "text_encoder_in_folder": True,
+        written = {"pipeline": PIPELINE, "scheduler": "LCMScheduler", "lcm_original_inference_steps": origin, "text_encoder_in_folder": True,
                    "force_zeros_for_empty_prompt": force_zeros, "height": height, "width": width}
         if job.lora_state is not None:
             written["lora_file"] = save_lora(PIPELINE, job)
