@@ -37,6 +37,19 @@ def test_k_step_student_with_regression_loss(tmp_path):
     assert tr.generate(8).shape == (8, 2)
 
 
+def test_regression_pairs_start_at_the_students_time(tmp_path):
+    """DMD's teacher ODE pairs start from pure noise at the student's own first time (here 0.6), not t = 1."""
+    from stepdistill.sampling import ddim_sample
+
+    tr, _ = run(tmp_path, "train.steps=1", "student.times=[0.6]", "objective.regression_weight=0.25",
+                "objective.regression_pairs=8", "objective.regression_steps=4")
+    z, y, cond = tr.objective._pairs
+    teacher = tr.nets.teacher
+    same = ddim_sample(teacher, z, cond, 4, None, tr.objective.guidance_scale, t_max=0.6)
+    from_one = ddim_sample(teacher, z, cond, 4, None, tr.objective.guidance_scale, t_max=1.0)
+    assert (y - same).abs().max() < 2e-3 < (y - from_one).abs().max(), ((y - same).abs().max(), (y - from_one).abs().max())
+
+
 def test_bad_student_times(tmp_path):
     from stepdistill.contract import StepdistillError
 

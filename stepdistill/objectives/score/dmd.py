@@ -114,10 +114,16 @@ class DMD(Objective):
         return torch.nn.functional.mse_loss(x.float(), y[idx.to(y.device)].float())
 
     def make_pairs(self, nets: Nets, batch: Batch):
-        """Teacher ODE pairs (z, y = ODE(z)), generated once from a fixed seed."""
+        """Teacher ODE pairs (z, y = ODE(z)), generated once from a fixed seed.
+
+        The ODE starts where the student's input lives: pure noise at the student's first time
+        (e.g. DDPM step 755 for ``student.sigmas=[2.5]``), so G(z) and y solve the same problem.
+        Started at t = 1 instead, y would be the sample of a different noise level than G's input.
+        """
         g = torch.Generator().manual_seed(self.regression_seed)
         n = self.regression_pairs
         cond, null = batch.conditions(n, g) if batch.conditions else (batch.cond, batch.null_cond)
         z = batch.noise(g, n)
-        y = ddim_sample(nets.teacher, z, cond, self.regression_steps, null, self.guidance_scale)
+        y = ddim_sample(nets.teacher, z, cond, self.regression_steps, null, self.guidance_scale,
+                        t_max=float(nets.student_times[0]))
         return z, y, cond
