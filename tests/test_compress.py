@@ -116,7 +116,7 @@ def test_feature_term_is_zero_for_a_copy_and_positive_for_a_perturbed_one():
 
 @pytest.mark.parametrize("layers", ["attn", "blocks", "out"])
 def test_feature_term_of_a_compressed_student_falls_under_training(layers):
-    run, nets, batch = _digits_nets("student.init=compress")
+    run, nets, batch = _digits_nets("student.init=compress", "student.times=[0.95]")  # the time the lr below was set for
     if layers == "attn":  # kept self-attentions: down 1, up 0 (teacher's up 1, twice); the mid block is cut
         pairs = aligned_layers(nets.student.module, nets.teacher, "attn")
         assert pairs == [("down_blocks.1.attentions.0", "down_blocks.1.attentions.0"),
