@@ -42,15 +42,21 @@ def jvp_safe(modules: Sequence[nn.Module]) -> Iterator[None]:
             h.remove()
 
 
-def finite_difference(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor], h: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """(fn(p), central difference of fn along the tangents with step h)."""
-    plus = fn(*[p + h * v for p, v in zip(primals, tangents)])
-    minus = fn(*[p - h * v for p, v in zip(primals, tangents)])
-    return fn(*primals), (plus.float() - minus.float()) / (2 * h)
+def _per_sample(h: float | Tensor, like: Tensor) -> float | Tensor:
+    """A scalar step as it is; a per-sample step [B] shaped to broadcast over ``like`` [B, ...] (its dtype)."""
+    return h.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype) if isinstance(h, Tensor) else h
+
+
+def finite_difference(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
+                      h: float | Tensor = 1e-3) -> tuple[Tensor, Tensor]:
+    """(fn(p), central difference of fn along the tangents with step h: a float, or one step per sample [B])."""
+    plus = fn(*[p + _per_sample(h, v) * v for p, v in zip(primals, tangents)])
+    minus = fn(*[p - _per_sample(h, v) * v for p, v in zip(primals, tangents)])
+    return fn(*primals), (plus.float() - minus.float()) / (2 * _per_sample(h, plus.float()))
 
 
 def directional_derivative(fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor], method: str = "jvp",
-                           modules: Sequence[nn.Module] = (), h: float = 1e-3) -> tuple[Tensor, Tensor]:
+                           modules: Sequence[nn.Module] = (), h: float | Tensor = 1e-3) -> tuple[Tensor, Tensor]:
     """(fn(primals), J tangents) by ``jvp`` (forward AD, made safe for ``modules``) or ``finite_diff``."""
     if method == "finite_diff":
         return finite_difference(fn, primals, tangents, h)

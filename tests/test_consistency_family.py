@@ -145,7 +145,7 @@ class ExactConsistency(torch.nn.Module):
 
 
 @pytest.mark.parametrize("schedule", [TrigSchedule(0.5), FlowSchedule()], ids=["trig", "flow"])
-@pytest.mark.parametrize("tangent", ["jvp", "finite_diff"])
+@pytest.mark.parametrize("tangent", ["jvp", "finite_diff", "macro"])
 def test_scm_tangent_vanishes_for_the_exact_consistency_function(schedule, tangent):
     mu, s = torch.tensor([[1.0, -0.5]]), 0.3
     teacher = GaussianMixture(mu, torch.tensor([s]), torch.ones(1), schedule)
@@ -154,10 +154,12 @@ def test_scm_tangent_vanishes_for_the_exact_consistency_function(schedule, tange
     theta = 0.1 + 1.3 * torch.rand(64, generator=g)
     x = theta.cos()[:, None] * (mu + s * torch.randn(64, 2, generator=g)) + theta.sin()[:, None] * 0.5 * torch.randn(64, 2, generator=g)
     dxdt = (theta.cos()[:, None] * x - tv.at_theta(x, theta)) / theta.sin()[:, None]
-    F_minus, J = SCM(tangent=tangent, fd_step=1e-3).tangent_of(sv, x, theta, dxdt, None)  # smooth map: larger h
+    k = 0.01 if isinstance(schedule, TrigSchedule) else 2.0  # native units: radians in TrigFlow, 1/1000 of flow time
+    obj = SCM(fd_native_steps=k) if tangent == "macro" else SCM(tangent=tangent, fd_step=1e-3)  # smooth map: larger h
+    F_minus, J = obj.tangent_of(sv, x, theta, dxdt, None)
     g_full = scm_tangent(F_minus, J, x, dxdt, theta, 1.0, 0.5)
     g_first = scm_tangent(F_minus, torch.zeros_like(J), x, dxdt, theta, 1.0, 0.5)
-    tol = 1e-4 if tangent == "jvp" else 2e-3
+    tol = {"jvp": 1e-4, "finite_diff": 2e-3, "macro": 2e-2}[tangent]
     assert g_full.abs().max() < tol * g_first.abs().max(), "df/dt along the ODE must vanish for the exact map"
 
 
@@ -183,6 +185,50 @@ def test_jvp_tangent_matches_finite_differences_on_diffusers_models(family, fact
     assert not obj._jvp_failed
     rel = ((J_j - J_f).norm() / J_f.norm()).item()
     assert torch.allclose(F_j, F_f, atol=1e-5) and rel < 3e-3, f"JVP vs FD relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("sched,pred", [(VP, "epsilon"), (FLOW, "flow")], ids=["vp", "flow"])
+def test_macro_tangent_steps_a_fixed_number_of_native_steps_and_smooths_the_time_embedding(sched, pred):
+    """fd_native_steps=k: the central difference evaluates the network k native teacher steps either side of
+    every sample's time (whatever theta), and on a diffusers UNet it differs from the exact JVP, which
+    follows the sinusoidal embedding's sub-step structure, while agreeing with the exact one at a tiny k."""
+    torch.manual_seed(0)
+    den = wrap(tiny_unet2d(num_classes=10).eval().requires_grad_(False), sched, pred)
+    view = TrigFlowView(den)
+    theta = torch.tensor([0.3, 0.8, 1.3, 1.5])
+    obj = SCM(fd_native_steps=10.0)
+    t = view.solve(theta)[0]
+    h = obj.macro_step(view, theta, t)
+    cs = theta.cos() * theta.sin()
+    steps = lambda th: den.schedule.to_native(native_time(den.schedule, th)).double()  # noqa: E731
+    up, down = steps(theta + h * cs) - steps(theta), steps(theta) - steps(theta - h * cs)  # symmetric in theta, so
+    assert ((up - 10).abs() < 0.5).all() and ((down - 10).abs() < 0.5).all(), (up, down)  # ~10 steps each side
+    assert ((up + down - 20).abs() < 0.5).all(), (up + down)
+    g = torch.Generator().manual_seed(1)
+    c = den.model.config.in_channels
+    x, dxdt = torch.randn(4, c, 8, 8, generator=g) * 0.5, torch.randn(4, c, 8, 8, generator=g)
+    cond = {"class_labels": torch.tensor([1, 2, 3, 4])}
+    F_m, J_m = obj.tangent_of(view, x, theta, dxdt, cond)
+    F_j, J_j = SCM(tangent="jvp").tangent_of(view, x, theta, dxdt, cond)
+    _, J_tiny = SCM(fd_native_steps=0.01).tangent_of(view, x, theta, dxdt, cond)
+    assert torch.allclose(F_m, F_j, atol=1e-5) and torch.isfinite(J_m).all()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(J_tiny, J_j) < 2e-2, "a macro step of 0.01 native steps is the exact derivative again"
+    assert rel(J_m, J_j) > 0.1, "10 native steps must not see the sub-step structure the JVP follows"
+
+
+def test_scm_max_time_branch_trains_that_share_at_the_one_step_time():
+    sched = _ddpm_schedule()
+    view = TrigFlowView(mlp_student(sched))
+    batch = Batch(size=4000, sample_shape=(2,), cond={})
+    plain = SCM(t_max=0.95).sample_theta(batch, torch.Generator().manual_seed(0), view)
+    hi = float(trig_time(sched, torch.tensor([0.95]))) - 1e-3
+    branch = SCM(t_max=0.95, max_time_prob=0.5).sample_theta(batch, torch.Generator().manual_seed(0), view)
+    at_top, plain_top = (branch - hi).abs() < 1e-6, (plain - hi).abs() < 1e-6  # plain: clamped there only
+    assert plain_top.float().mean() < 0.02 and 0.45 < at_top.float().mean() < 0.55, (plain_top.float().mean(), at_top.float().mean())
+    assert torch.equal(branch[~at_top], plain[~at_top]), "the branch replaces samples, it does not move the others"
+    with pytest.raises(StepdistillError, match="max_time_prob"):
+        load_config("digits-unet/scm", ["objective.max_time_prob=1.5"])
 
 
 class NoForwardAD(torch.autograd.Function):

@@ -69,12 +69,14 @@ class SCM(Objective):
     sigma_data: float = 0.5  # sigma_d of TrigFlow (SANA-Sprint, sCM: 0.5)
     p_mean: float = -1.0  # time sampling: log sigma ~ N(P_mean, P_std^2), t = arctan(sigma / sigma_d) (sCM CIFAR: -1.0)
     p_std: float = 1.4  # (sCM CIFAR: 1.4; ImageNet-64: 1.6; SANA-Sprint: (0.2, 1.6))
+    max_time_prob: float = 0.0  # share of samples trained at the largest time (the one-step endpoint; SANA-Sprint: 0.5)
     t_max: float = 1.0  # largest teacher time used (stepdistill t); e.g. 0.95 on a cosine-schedule eps teacher
     guidance_scale_min: float = 1.0  # teacher CFG w ~ U[min, max] (Ho-Salimans, 1 = off)
     guidance_scale_max: float = 1.0
     guidance_embedding: str = "auto"  # auto | on | off: give w to a student with a guidance input (time_cond_proj_dim)
     tangent: str = "jvp"  # jvp (torch.func.jvp, math SDPA) | finite_diff (central difference)
     fd_step: float = 1e-4  # finite-difference step h along the tangent direction (diffusers time embeddings see 1000 t: keep h small)
+    fd_native_steps: float = 0.0  # > 0: finite differences over this many of the teacher's native steps each way, per sample (a macro tangent that skips the time embedding's sub-step structure; replaces fd_step)
     tangent_warmup: int = 1000  # H: r = min(1, n / H), n = student-loss evaluations (sCM: 10k; Sprint: 4k)
     tangent_norm_c: float = 0.1  # c in g / (rms(g) + c) (sCM: 0.1)
     adaptive_weighting: bool = True  # learned log-variance u_phi(t) (sCM Eq. 8); false: u = 0
@@ -83,8 +85,8 @@ class SCM(Objective):
 
     trains = ("student", "logvar")
     ranges = {"sigma_data": (1e-6, None), "p_std": (0.0, None), "t_max": (1e-3, 1.0),
-              "guidance_scale_min": (0.0, "guidance_scale_max"), "fd_step": (1e-8, 1.0), "tangent_warmup": (0, None),
-              "tangent_norm_c": (0.0, None)}
+              "guidance_scale_min": (0.0, "guidance_scale_max"), "fd_step": (1e-8, 1.0), "fd_native_steps": (0.0, None),
+              "max_time_prob": (0.0, 1.0), "tangent_warmup": (0, None), "tangent_norm_c": (0.0, None)}
     choices = {"tangent": TANGENT_METHODS, "guidance_embedding": GUIDANCE_EMBEDDING}
     is_consistency = True  # trained at random t: one model samples with any 1-4 times
     exports_any_step_count = True
@@ -100,12 +102,16 @@ class SCM(Objective):
         return {"logvar": LogVarNet()}
 
     def sample_theta(self, batch: Batch, rng: torch.Generator, view: TrigFlowView) -> Tensor:
-        """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2), clamped to the teacher's range [B]."""
+        """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2), clamped to the teacher's range [B]; with
+        ``max_time_prob`` > 0 that share of samples sits at the largest time (SANA-Sprint's max-time branch)."""
         tau = self.p_mean + self.p_std * torch.randn(batch.size, generator=rng)
         theta = torch.atan(tau.exp() / self.sigma_data)
         hi = min(view.theta_max, float(trig_time(view.denoiser.schedule, torch.tensor([self.t_max]), self.sigma_data)))
         lo = max(view.theta_min, 1e-3)
-        return theta.clamp(lo + 1e-3, hi - 1e-3).to(batch.device)
+        theta = theta.clamp(lo + 1e-3, hi - 1e-3)
+        if self.max_time_prob > 0:  # drawn only when on, so runs without it keep their random stream
+            theta = torch.where(torch.rand(batch.size, generator=rng) < self.max_time_prob, hi - 1e-3, theta)
+        return theta.to(batch.device)
 
     def student_loss(self, nets: Nets, batch: Batch, rng: torch.Generator) -> LossOut:
         sd = self.sigma_data
@@ -131,7 +137,7 @@ class SCM(Objective):
         mse = ((F - F.detach() - g) ** 2).reshape(len(F), -1).mean(1)  # [B]
         loss = (weight / u.exp() * mse + u).mean()
         logs = {"scm_tangent_rms": _rms(g).mean().item(), "scm_warmup_r": r, "scm_logvar": u.detach().mean().item(),
-                "tangent_fd": float(self.tangent == "finite_diff" or self._jvp_failed), "real_data": float(source == "real")}
+                "tangent_fd": float(self.tangent == "finite_diff" or self._jvp_failed or self.fd_native_steps > 0), "real_data": float(source == "real")}
         return LossOut(loss, logs)
 
     def tangent_of(self, student: TrigFlowView, x: Tensor, theta: Tensor, dxdt: Tensor, cond) -> tuple[Tensor, Tensor]:
@@ -144,6 +150,12 @@ class SCM(Objective):
             return x0_to_F(x_in, student.at_theta(x_in, th, cond, solved), th, self.sigma_data)
 
         primals, tangents = (x.float(), theta.float()), (expand_like(cs, x) * dxdt.float(), cs.float())
+        if self.fd_native_steps > 0:  # macro steps: the time map solved at each evaluated angle, not linearised
+            def F_exact(x_in: Tensor, th: Tensor) -> Tensor:
+                return x0_to_F(x_in, student.at_theta(x_in, th, cond), th, self.sigma_data)
+
+            with torch.autocast(x.device.type, enabled=False):
+                return directional_derivative(F_exact, primals, tangents, "finite_diff", h=self.macro_step(student, theta, solved[0]))
         method = "finite_diff" if (self.tangent == "finite_diff" or self._jvp_failed) else "jvp"
         with torch.autocast(x.device.type, enabled=False):
             if method == "jvp":
@@ -154,6 +166,18 @@ class SCM(Objective):
                     warnings.warn(f"sCM: torch.func.jvp failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                                   "using finite differences (objective.tangent=finite_diff) from now on", stacklevel=2)
             return directional_derivative(F_of, primals, tangents, "finite_diff", h=self.fd_step)
+
+    def macro_step(self, view: TrigFlowView, theta: Tensor, t: Tensor) -> Tensor:
+        """Per-sample h [B] so that theta +- h cos t sin t spans ``fd_native_steps`` native teacher steps each way.
+
+        ``t`` is the teacher time at theta (``view.solve``); the time embedding then sees two points
+        k steps apart, not its sub-step structure (issue 17 item 5; fidelity review #11)."""
+        schedule = view.denoiser.schedule
+        dt = float(schedule.from_native(torch.tensor(self.fd_native_steps)))
+        up = trig_time(schedule, (t + dt).clamp(0, 1), self.sigma_data).double()
+        down = trig_time(schedule, (t - dt).clamp(0, 1), self.sigma_data).double()
+        cs = (theta.double().cos() * theta.double().sin()).clamp_min(1e-12)
+        return ((up - down) / 2 / cs).clamp_min(1e-8).to(theta.device, torch.float32)
 
 
 def scm_tangent(F_minus: Tensor, J: Tensor, x_t: Tensor, dxdt: Tensor, theta: Tensor, r: float, sigma_d: float) -> Tensor:
