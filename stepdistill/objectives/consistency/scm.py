@@ -69,7 +69,7 @@ class SCM(Objective):
     sigma_data: float = 0.5  # sigma_d of TrigFlow (SANA-Sprint, sCM: 0.5)
     p_mean: float = -1.0  # time sampling: log sigma ~ N(P_mean, P_std^2), t = arctan(sigma / sigma_d) (sCM CIFAR: -1.0)
     p_std: float = 1.4  # (sCM CIFAR: 1.4; ImageNet-64: 1.6; SANA-Sprint: (0.2, 1.6))
-    max_time_prob: float = 0.0  # share of samples trained at the largest time (the one-step endpoint; SANA-Sprint: 0.5)
+    max_time_prob: float = 0.0  # share of samples trained at the largest time, the one-step endpoint (after SANA-Sprint's max-time weighting, p = 0.5, which it applies to its adversarial branch)
     t_max: float = 1.0  # largest teacher time used (stepdistill t); e.g. 0.95 on a cosine-schedule eps teacher
     guidance_scale_min: float = 1.0  # teacher CFG w ~ U[min, max] (Ho-Salimans, 1 = off)
     guidance_scale_max: float = 1.0
@@ -103,7 +103,8 @@ class SCM(Objective):
 
     def sample_theta(self, batch: Batch, rng: torch.Generator, view: TrigFlowView) -> Tensor:
         """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2), clamped to the teacher's range [B]; with
-        ``max_time_prob`` > 0 that share of samples sits at the largest time (SANA-Sprint's max-time branch)."""
+        ``max_time_prob`` > 0 that share of samples sits at the largest time (a max-time branch: SANA-Sprint
+        evaluates its adversarial branch's student at the largest time with probability 0.5; here sCM's own samples)."""
         tau = self.p_mean + self.p_std * torch.randn(batch.size, generator=rng)
         theta = torch.atan(tau.exp() / self.sigma_data)
         hi = min(view.theta_max, float(trig_time(view.denoiser.schedule, torch.tensor([self.t_max]), self.sigma_data)))
