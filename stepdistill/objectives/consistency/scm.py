@@ -17,7 +17,10 @@ Per sample, f_theta(x, t) = cos t x - sin t sigma_d F_theta(x / sigma_d, t) (t i
 
 The tangent is computed with ``torch.func.jvp`` (math SDPA, GroupNorm contiguity hook) or by
 central finite differences (``tangent: finite_diff``); if the JVP raises, the objective warns
-once and uses finite differences for the rest of the run. u_phi is a small trainable network
+once and uses finite differences for the rest of the run. ``fd_native_steps: k`` > 0 replaces both
+with a macro central difference whose step spans k native teacher steps either side of each
+sample's time: a diffusers time embedding of 1000 t has sub-step structure that dominates the exact
+JVP of a network trained only at integer steps (issue 17 item 5, ``eval/ABLATIONS.md`` rows 37-41). u_phi is a small trainable network
 over t (``extra_networks``: "logvar", optimised in the student phase with the ``discriminator``
 optimizer section); it also holds the warm-up counter n (student-loss evaluations), so the
 warm-up resumes exactly. The student is trained at random t, so one model samples with any
@@ -76,7 +79,7 @@ class SCM(Objective):
     guidance_embedding: str = "auto"  # auto | on | off: give w to a student with a guidance input (time_cond_proj_dim)
     tangent: str = "jvp"  # jvp (torch.func.jvp, math SDPA) | finite_diff (central difference)
     fd_step: float = 1e-4  # finite-difference step h along the tangent direction (diffusers time embeddings see 1000 t: keep h small)
-    fd_native_steps: float = 0.0  # > 0: finite differences over this many of the teacher's native steps each way, per sample (a macro tangent that skips the time embedding's sub-step structure; replaces fd_step)
+    fd_native_steps: float = 0.0  # > 0: the tangent is a central difference over this many of the teacher's native steps each way, per sample (a macro tangent that skips the time embedding's sub-step structure; overrides tangent and fd_step)
     tangent_warmup: int = 1000  # H: r = min(1, n / H), n = student-loss evaluations (sCM: 10k; Sprint: 4k)
     tangent_norm_c: float = 0.1  # c in g / (rms(g) + c) (sCM: 0.1)
     adaptive_weighting: bool = True  # learned log-variance u_phi(t) (sCM Eq. 8); false: u = 0
