@@ -103,6 +103,17 @@ def test_conditioner_is_the_pipelines_encode_prompt(sd15):
 # ------------------------------------------------------------------------------ 2. export parity
 
 
+def test_off_grid_student_error_names_the_grid_from_its_first_step():
+    """A four-step student at 624/499/374/249 is off every LCMScheduler grid: the error gives the grid starting at 624."""
+    from stepdistill.adapters.families.sd import check_lcm_grid
+
+    with pytest.raises(StepdistillError, match=r"from this student's first step 624: student.times=\[0.624624625, "
+                                               r"0.468468468, 0.312312312, 0.156156156\] \(timesteps \[624, 468, 312, 156\], "
+                                               r"original_inference_steps=625\)"):
+        check_lcm_grid({4: [s / 999 for s in (624, 499, 374, 249)]}, 1000, "StableDiffusionPipeline")
+    assert check_lcm_grid({4: [s / 999 for s in (624, 468, 312, 156)]}, 1000, "StableDiffusionPipeline") == 625
+
+
 def stock_vs_toolkit(tmp_path: Path, run: Path, export: Path, n_steps: int, **lora) -> tuple[torch.Tensor, torch.Tensor]:
     """(stock StableDiffusionPipeline latents from a clean process, the toolkit's for the same embeddings and seed)."""
     prompts = PROMPTS[:2]
@@ -112,9 +123,12 @@ def stock_vs_toolkit(tmp_path: Path, run: Path, export: Path, n_steps: int, **lo
     return stock, fh.toolkit_latents(run, {"prompt_embeds": pe}, seed=0)
 
 
-@pytest.mark.parametrize("times", [[1.0], FOUR, [625 / 999]], ids=["1step", "4step", "1step-at-625"])
+AT_625 = [s / 999 for s in (625, 469, 312, 156)]  # LCMScheduler(original_inference_steps=626)'s four steps
+
+
+@pytest.mark.parametrize("times", [[1.0], FOUR, [625 / 999], AT_625], ids=["1step", "4step", "1step-at-625", "4step-at-625"])
 def test_dmd2_student_replays_in_stock_pipeline(tmp_path, sd15, times):
-    """Also a one-step student at step 625 (EDM sigma 2.5, SiD's input): LCMScheduler(original_inference_steps=626)."""
+    """Also students whose first step is 625 (EDM sigma 2.5, SiD's input): LCMScheduler(original_inference_steps=626)."""
     from diffusers import LCMScheduler
 
     run = fh.train(tmp_path, sd15, "sd15/dmd2", times, PROMPTS, *FAST)

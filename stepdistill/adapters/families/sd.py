@@ -57,10 +57,14 @@ def check_lcm_grid(times: dict[int, list[float]], n_train: int, pipeline: str) -
             return m
     n, ts = next(iter((off or times).items()))
     grid = lcm_grid(n, n_train)
+    first = int(round(ts[0] * (n_train - 1)))
+    alt = lcm_grid(n, n_train, first + 1) if n_train // 2 <= first < n_train - 1 else []
+    near = (f"; from this student's first step {first}: student.times={[round(g / (n_train - 1), 9) for g in alt]} "
+            f"(timesteps {alt}, original_inference_steps={first + 1})") if n > 1 and alt and alt[0] == first else ""
     raise StepdistillError(f"the stock {pipeline} replays LCMScheduler's grid: a {n}-step student must be trained at "
                            f"student.times={[round(g / (n_train - 1), 6) for g in grid]} (timesteps {grid}) or at "
-                           f"timesteps another original_inference_steps gives (one step: any of {n_train // 2}-{n_train - 1}); "
-                           f"this one was trained at {ts}")
+                           f"timesteps another original_inference_steps gives (one step: any of {n_train // 2}-{n_train - 1}"
+                           f"{near}); this one was trained at {ts}")
 
 
 def guidance_off(unet, dim: int = 256):
